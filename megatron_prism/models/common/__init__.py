@@ -1,0 +1,1 @@
+"""Device-agnostic building blocks used in layer specs (norms, core attention)."""

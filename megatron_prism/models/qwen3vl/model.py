@@ -1,0 +1,214 @@
+"""Qwen3-VL on megatron-core: vision tower -> merged embeddings -> GPTModel with MRoPE + DeepStack.
+
+``Qwen3VLPolicy`` owns two submodules whose state-dict prefixes the conversion map relies on:
+
+* ``vision`` (first pipeline stage only): :class:`Qwen3VLVisionTower`;
+* ``language_model``: a megatron ``GPTModel`` built from the Qwen3 layer spec, whose rotary module
+  is swapped for :class:`InterleavedMRoPE`.
+
+Every pipeline stage computes the 3-D position ids itself (they only need ``input_ids`` and the
+grids), so nothing but hidden states crosses stages.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+from megatron_prism.models.qwen3vl.rope import InterleavedMRoPE, mrope_position_ids
+from megatron_prism.models.qwen3vl.spec import final_norm_spec, qwen3vl_layer_spec
+from megatron_prism.models.qwen3vl.vision import Qwen3VLVisionTower
+
+
+class Qwen3VLLanguageModel(GPTModel):
+    """GPTModel with Qwen3-VL's interleaved MRoPE, able to stop before the output layer."""
+
+    def __init__(self, config: TransformerConfig, *, rotary_base: float, **kwargs) -> None:
+        super().__init__(config=config, position_embedding_type="mrope", rotary_base=rotary_base, **kwargs)
+        # Swap megatron's Qwen2-VL (sectioned) MRoPE for the interleaved layout of Qwen3-VL.
+        self.rotary_pos_emb = InterleavedMRoPE(config.kv_channels, rotary_base, config.mrope_section)
+        self._emit_hidden = False
+
+    def forward(self, *args, return_hidden: bool = False, **kwargs):
+        self._emit_hidden = return_hidden
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._emit_hidden = False
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        if self._emit_hidden and self.post_process:
+            if self.config.sequence_parallel:
+                hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
+                    hidden_states, tensor_parallel_output_grad=True
+                )
+            return hidden_states.transpose(0, 1).contiguous()  # [b, s, h], final-normed
+        return super()._postprocess(hidden_states, *args, **kwargs)
+
+
+def padding_attention_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """[b, s] 1/0 padding mask -> megatron boolean mask [b, 1, s, s] (True = masked), or None.
+
+    None means "causal, no padding", which lets attention use its fused causal path. A padded
+    query row still attends to itself so that no softmax row is empty (empty rows give NaN, and NaN
+    values at padded keys would poison real rows through 0 * NaN).
+    """
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    keep = attention_mask.bool()
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=keep.device).tril()
+    allowed = causal[None] & keep[:, None, :]
+    allowed |= torch.eye(seq_len, dtype=torch.bool, device=keep.device)[None]
+    return (~allowed).unsqueeze(1)
+
+
+class Qwen3VLPolicy(MegatronModule):
+    """The Qwen3-VL policy (and reference) model on megatron-core."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hf_config,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+        backend: str = "local",
+        parallel_output: bool = True,
+    ) -> None:
+        super().__init__(config=config)
+        tc = hf_config.text_config
+        self.hf_config = hf_config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.image_token_id = hf_config.image_token_id
+        self.video_token_id = hf_config.video_token_id
+        self.spatial_merge_size = hf_config.vision_config.spatial_merge_size
+        layer = qwen3vl_layer_spec(backend)
+        block = TransformerBlockSubmodules(
+            layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+            layer_norm=final_norm_spec(backend),
+        )
+        rope = dict(tc.rope_parameters)
+        self.language_model = Qwen3VLLanguageModel(
+            config,
+            rotary_base=float(rope["rope_theta"]),
+            transformer_layer_spec=block,
+            vocab_size=tc.vocab_size,
+            max_sequence_length=tc.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+            parallel_output=parallel_output,
+            vp_stage=vp_stage,
+        )
+        self.vision = Qwen3VLVisionTower(config, hf_config.vision_config) if pre_process else None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by megatron's pipeline schedules with the previous stage's output."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def position_ids(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
+        """3-D MRoPE position ids [3, b, s], as Qwen3-VL computes them."""
+        positions, _ = mrope_position_ids(
+            input_ids,
+            image_grid_thw,
+            video_grid_thw,
+            attention_mask,
+            image_token_id=self.image_token_id,
+            video_token_id=self.video_token_id,
+            spatial_merge_size=self.spatial_merge_size,
+        )
+        return positions
+
+    def _local_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """[s, b, ...] -> this rank's slice of the sequence under sequence parallelism."""
+        if self.config.sequence_parallel:
+            return tensor_parallel.scatter_to_sequence_parallel_region(x)
+        return x
+
+    def _embed(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Token embeddings with vision features at the placeholders, and the DeepStack context."""
+        word_embeddings = self.language_model.embedding.word_embeddings
+        text = word_embeddings(input_ids)
+        if not word_embeddings.reduce_scatter_embeddings:
+            text = text.transpose(0, 1).contiguous()  # [s, b, h] (already so under SP)
+        visual: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
+        for pixels, grid, token in (
+            (pixel_values, image_grid_thw, self.image_token_id),
+            (pixel_values_videos, video_grid_thw, self.video_token_id),
+        ):
+            if pixels is None:
+                continue
+            if grid is None:
+                raise ValueError("pixel values were given without their grid_thw")
+            features, deepstack = self.vision(pixels, grid)
+            mask = input_ids == token  # [b, s]
+            if int(mask.sum()) != features.shape[0]:
+                raise ValueError(
+                    f"{int(mask.sum())} placeholder tokens (id {token}) in input_ids but the vision "
+                    f"tower produced {features.shape[0]} features for grids {grid.tolist()}"
+                )
+            visual.append((mask, features, deepstack))
+        if not visual:
+            return text, None
+        b, s = input_ids.shape
+        h = self.config.hidden_size
+        levels = len(visual[0][2])
+        # Features fill their placeholders in batch-major order (sample 0's images first), as the
+        # processor lays them out and as transformers' masked_scatter does.
+        dense = text.new_zeros(b, s, h)
+        context = text.new_zeros(b, s, levels, h) if levels else None
+        any_mask = torch.zeros(b, s, dtype=torch.bool, device=input_ids.device)
+        for mask, features, deepstack in visual:
+            dense = dense.index_put((mask,), features.to(dense.dtype))
+            if context is not None:
+                context = context.index_put((mask,), torch.stack(deepstack, dim=1).to(dense.dtype))
+            any_mask |= mask
+        any_mask = any_mask.transpose(0, 1)[..., None]  # [s, b, 1]
+        dense = dense.transpose(0, 1)
+        embeddings = torch.where(self._local_sequence(any_mask), self._local_sequence(dense), text)
+        if context is not None:
+            context = self._local_sequence(context.transpose(0, 1).contiguous())
+        return embeddings, context
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        gather_logits: bool = True,
+    ) -> torch.Tensor:
+        """Logits [b, s, vocab] on the last stage (hidden [b, s, h] with ``return_hidden``);
+        on other pipeline stages, the hidden states [s, b, h] passed to the next stage."""
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, image_grid_thw, video_grid_thw, attention_mask)
+        mask = padding_attention_mask(attention_mask, input_ids.shape[1])
+        decoder_input = None
+        extra = None
+        if self.pre_process:
+            decoder_input, context = self._embed(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            )
+            if context is not None:
+                extra = {"context": context}
+        return self.language_model(
+            input_ids,
+            position_ids,
+            mask,
+            decoder_input=decoder_input,
+            extra_block_kwargs=extra,
+            runtime_gather_output=gather_logits,
+            return_hidden=return_hidden,
+        )

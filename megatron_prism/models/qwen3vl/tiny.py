@@ -1,0 +1,71 @@
+"""Tiny random Qwen3-VL checkpoints, built locally from a config (no download).
+
+They are what the embedded default and the test-suite run on: the same architecture as
+Qwen3-VL-4B/8B (GQA, QK-norm, interleaved MRoPE, DeepStack, the ViT tower), a few MB in size.
+Two shapes are provided so tests catch shape assumptions: ``a`` (untied, 4 layers, 2 DeepStack
+levels) and ``b`` (tied embeddings, wider heads, 2 layers, 1 DeepStack level).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TOKENS = {"image_token_id": 250, "video_token_id": 251, "vision_start_token_id": 252, "vision_end_token_id": 253}
+
+_VARIANTS = {
+    "a": dict(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=256,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                   "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+        vision=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                    temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
+                    num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+        tie=False,
+    ),
+    "b": dict(
+        text=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=24, vocab_size=320,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
+                                   "mrope_section": [4, 4, 4], "mrope_interleaved": True}),
+        vision=dict(depth=2, hidden_size=48, intermediate_size=96, num_heads=3, patch_size=4,
+                    temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=96,
+                    num_position_embeddings=36, deepstack_visual_indexes=[1]),
+        tie=True,
+    ),
+}
+
+
+def tiny_qwen3vl_config(variant: str = "a"):
+    """A ``Qwen3VLConfig`` of the named tiny shape."""
+    from transformers import Qwen3VLConfig
+
+    if variant not in _VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}; choose from {sorted(_VARIANTS)}")
+    v = _VARIANTS[variant]
+    text = dict(v["text"], rms_norm_eps=1e-6, max_position_embeddings=4096, hidden_act="silu")
+    return Qwen3VLConfig(text_config=text, vision_config=dict(v["vision"]),
+                         tie_word_embeddings=v["tie"], **TOKENS)
+
+
+def save_random_qwen3vl(out_dir: str | Path, variant: str = "a", seed: int = 0,
+                        dtype: torch.dtype = torch.float32) -> Path:
+    """Write a randomly initialised tiny Qwen3-VL as a HF directory; returns its path.
+
+    Norm weights are randomised too (HF initialises them to one), so a test that swapped two of
+    them would notice.
+    """
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(tiny_qwen3vl_config(variant)).to(dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or name.endswith("norm1.weight") \
+                    or name.endswith("norm2.weight"):
+                param.uniform_(0.5, 1.5)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    return out
