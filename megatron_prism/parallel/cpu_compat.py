@@ -132,6 +132,10 @@ def install() -> bool:
     cuda.stream = lambda *_a, **_k: contextlib.nullcontext()  # type: ignore[assignment]
     cuda.Event = lambda *_a, **_k: _NULL_STREAM  # type: ignore[assignment]
 
+    # megatron moves some tensors with `.cuda()` (e.g. the tied output-layer copy on the last
+    # pipeline stage before its first all-reduce); on a CPU-only machine they stay where they are.
+    torch.Tensor.cuda = lambda self, *_a, **_k: self  # type: ignore[assignment]
+
     from megatron.core.tensor_parallel import random as mp_random
 
     mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)

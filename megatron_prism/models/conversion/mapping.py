@@ -222,3 +222,13 @@ def place(param: ParamMap, num_layers: int, pp: int, vpp: int | None = None) -> 
     prefix = "language_model.decoder.layers."
     rest = param.megatron[len(prefix):].split(".", 1)[1]
     return Placement(chunk % pp, chunk // pp, f"{prefix}{local}.{rest}")
+
+
+def global_name(local_name: str, pp_rank: int, vp_stage: int, num_layers: int, pp: int, vpp: int | None = None) -> str:
+    """Inverse of :func:`place`: a chunk-local parameter name -> its global megatron name."""
+    prefix = "language_model.decoder.layers."
+    if not local_name.startswith(prefix):
+        return local_name
+    local, rest = local_name[len(prefix):].split(".", 1)
+    chunk = vp_stage * pp + pp_rank
+    return f"{prefix}{chunk * layers_per_chunk(num_layers, pp, vpp) + int(local)}.{rest}"

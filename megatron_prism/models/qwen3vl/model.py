@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -82,6 +83,7 @@ class Qwen3VLPolicy(MegatronModule):
         parallel_output: bool = True,
     ) -> None:
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         tc = hf_config.text_config
         self.hf_config = hf_config
         self.pre_process = pre_process
@@ -108,6 +110,15 @@ class Qwen3VLPolicy(MegatronModule):
             vp_stage=vp_stage,
         )
         self.vision = Qwen3VLVisionTower(config, hf_config.vision_config) if pre_process else None
+
+    # megatron's finalize_model_grads finds the outermost module with `pre_process` and asks it
+    # for the tied embedding, to all-reduce its gradient between the first and last stage.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron's pipeline schedules with the previous stage's output."""
@@ -170,8 +181,8 @@ class Qwen3VLPolicy(MegatronModule):
             if context is not None:
                 context = context.index_put((mask,), torch.stack(deepstack, dim=1).to(dense.dtype))
             any_mask |= mask
-        any_mask = any_mask.transpose(0, 1)[..., None]  # [s, b, 1]
-        dense = dense.transpose(0, 1)
+        any_mask = any_mask.transpose(0, 1).contiguous()[..., None]  # [s, b, 1]
+        dense = dense.transpose(0, 1).contiguous()
         embeddings = torch.where(self._local_sequence(any_mask), self._local_sequence(dense), text)
         if context is not None:
             context = self._local_sequence(context.transpose(0, 1).contiguous())
@@ -192,6 +203,12 @@ class Qwen3VLPolicy(MegatronModule):
     ) -> torch.Tensor:
         """Logits [b, s, vocab] on the last stage (hidden [b, s, h] with ``return_hidden``);
         on other pipeline stages, the hidden states [s, b, h] passed to the next stage."""
+        tp = self.config.tensor_model_parallel_size
+        if self.config.sequence_parallel and input_ids.shape[1] % tp:
+            raise ValueError(
+                f"sequence parallelism splits the sequence over {tp} ranks: pad the sequence length "
+                f"({input_ids.shape[1]}) to a multiple of {tp}"
+            )
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, video_grid_thw, attention_mask)
         mask = padding_attention_mask(attention_mask, input_ids.shape[1])

@@ -3,7 +3,7 @@
 They are what the embedded default and the test-suite run on: the same architecture as
 Qwen3-VL-4B/8B (GQA, QK-norm, interleaved MRoPE, DeepStack, the ViT tower), a few MB in size.
 Two shapes are provided so tests catch shape assumptions: ``a`` (untied, 4 layers, 2 DeepStack
-levels) and ``b`` (tied embeddings, wider heads, 2 layers, 1 DeepStack level).
+levels) and ``b`` (tied embeddings, wider heads, 1 DeepStack level, so 4 layers split into pp=2 x vpp=2 chunks).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _VARIANTS = {
         tie=False,
     ),
     "b": dict(
-        text=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=8,
+        text=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=2, head_dim=24, vocab_size=320,
                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
                                    "mrope_section": [4, 4, 4], "mrope_interleaved": True}),

@@ -1,0 +1,157 @@
+"""The typed shape of a PRISM run: one dataclass per concern, composed by :class:`PrismConfig`.
+
+The dataclasses carry no parsing logic (that lives in :mod:`megatron_prism.config.loader`), so
+reading a field's type and default here tells the whole story of what a YAML key accepts. Fields
+without a default are required; everything else may be left out of a config file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DType = Literal["float32", "bfloat16", "float16"]
+AttentionBackend = Literal["auto", "sdpa", "te"]
+Recompute = Literal["none", "selective", "full"]
+Schedule = Literal["constant", "cosine"]
+Logger = Literal["tensorboard", "wandb", "none"]
+StageName = Literal["sft", "warmup", "align", "rlvr", "eval"]
+
+#: The order the pipeline runs its stages in. It is fixed by the method (SFT first, RLVR after the
+#: discriminator stages, evaluation last), not by the order keys happen to appear in a YAML file.
+STAGE_ORDER: tuple[StageName, ...] = ("sft", "warmup", "align", "rlvr", "eval")
+
+
+@dataclass
+class ModelConfig:
+    """Which weights the policy starts from and how it is computed.
+
+    ``hf_dir`` is a Hugging Face Qwen3-VL directory, ``megatron_dir`` a checkpoint converted with
+    ``prism convert``; with neither set the run uses the built-in tiny random model. ``float32``
+    is the default because it is the one dtype that is exact and fast enough on a CPU; GPU runs set
+    ``bfloat16``.
+    """
+
+    hf_dir: str | None = None
+    megatron_dir: str | None = None
+    dtype: DType = "float32"
+    attention_backend: AttentionBackend = "auto"
+    recompute: Recompute = "none"
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron-core model parallelism: tensor, pipeline (optionally virtual) and expert."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    ep: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from. ``lenient`` skips malformed records with a warning instead of
+    stopping the run, which is what one wants from large scraped JSONL files."""
+
+    train_path: str | None = None
+    eval_path: str | None = None
+    max_seq_len: int = 2048
+    seed: int = 1234
+    num_workers: int = 0
+    lenient: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam with decoupled weight decay, gradient clipping and a warm-up then constant/cosine LR."""
+
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    schedule: Schedule = "constant"
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled. ``embedded`` is the in-process engine that runs anywhere,
+    including on a CPU; ``gpu_memory_fraction`` only matters to a colocated GPU engine."""
+
+    engine: str = "embedded"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 512
+    gpu_memory_fraction: float = 0.5
+
+
+@dataclass
+class AlgorithmConfig:
+    """The policy-gradient recipe: advantage estimator, surrogate loss and its regularisers.
+
+    ``clip_high`` of ``None`` means a symmetric clip range (``clip_low`` on both sides).
+    """
+
+    advantage: str = "grpo"
+    loss: str = "grpo"
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One pipeline stage. ``name`` is filled from the key the stage is written under."""
+
+    name: StageName
+    enabled: bool = True
+    steps: int
+    global_batch_size: int
+    save_every: int
+    eval_every: int
+    output_dir: str
+
+
+@dataclass
+class RunConfig:
+    """Run-wide settings: where everything is written, the global seed, the metrics sink."""
+
+    output_dir: str = "outputs/run"
+    seed: int = 1234
+    logger: Logger = "tensorboard"
+
+
+@dataclass
+class PrismConfig:
+    """A whole run.
+
+    ``stages`` is a dict keyed by stage name rather than a list because (1) the stages are a fixed
+    set that runs in the fixed :data:`STAGE_ORDER`, so a list's order would suggest a freedom that
+    does not exist; (2) a name cannot appear twice; (3) dotted overrides address a stage by name,
+    ``stages.sft.steps=10``, and a misspelt name gets a "did you mean" like any other key. A stage
+    missing from the dict is not run, exactly as if it were written with ``enabled: false``.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    stages: dict[StageName, StageConfig] = field(default_factory=dict)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def enabled_stages(self) -> list[StageConfig]:
+        """The stages that will run, in pipeline order."""
+        return [self.stages[n] for n in STAGE_ORDER if n in self.stages and self.stages[n].enabled]
