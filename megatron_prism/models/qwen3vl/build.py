@@ -18,15 +18,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _backend(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if cpu_compat.on_cpu():
+    """``auto`` is the local (torch) spec for now: the TE spec fuses the input norms into the
+    following linear layers (other parameter names), which the conversion map does not cover
+    until it is checked on a GPU. ``te`` must be asked for explicitly and needs a GPU."""
+    if requested == "auto":
         return "local"
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return "local"
-    return "te"
+    if requested == "te" and cpu_compat.on_cpu():
+        raise ValueError("backend='te' (Transformer Engine) needs a CUDA GPU; use backend='local'")
+    return requested
 
 
 def build_policy(
