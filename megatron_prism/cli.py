@@ -1,0 +1,131 @@
+"""The ``prism`` command.
+
+    prism run CONFIG [key=value ...]          run the PRISM pipeline described by CONFIG
+    prism convert hf-to-megatron --hf-dir D --out O [--tp N] [--pp N]
+    prism convert megatron-to-hf --megatron-dir D --out O
+
+Errors the user can fix (a bad config key, a bad checkpoint) are printed as one line on stderr
+with exit status 2 (usage/config) or 1 (checkpoint), never as a traceback. Heavy modules (torch,
+the model code) are imported inside the subcommand that needs them, so ``prism run --help`` and
+config errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_prism import __version__
+from megatron_prism.config import STAGE_ORDER, ConfigError, PrismConfig, dump_config, load_config
+
+#: Stages whose implementation has not landed yet, with the issue that brings each one.
+_PENDING_STAGES = {"sft": 6, "warmup": 7, "align": 7, "rlvr": 6, "eval": 6}
+
+
+def _err(message: str) -> None:
+    print(f"prism: error: {message}", file=sys.stderr)
+
+
+def run_pipeline(cfg: PrismConfig) -> int:
+    """Walk the enabled stages in pipeline order (see ``STAGE_ORDER``)."""
+    for stage in cfg.enabled_stages():
+        issue = _PENDING_STAGES.get(stage.name)
+        if issue is not None:
+            print(f"stage {stage.name.upper()}: not yet implemented (lands with issue {issue})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
+    try:
+        resolved = dump_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
+    except OSError as exc:
+        _err(f"cannot write the resolved config under run.output_dir={cfg.run.output_dir!r}: {exc}")
+        return 1
+    print(f"resolved config written to {resolved}")
+    skipped = [n for n in STAGE_ORDER if n not in cfg.stages or not cfg.stages[n].enabled]
+    if skipped:
+        print(f"stages disabled or absent: {', '.join(skipped)}")
+    return run_pipeline(cfg)
+
+
+def _convert(action, describe: str) -> int:
+    """Run one conversion; a bad or missing checkpoint is a one-line error, not a traceback."""
+    from megatron_prism.models.errors import CheckpointError
+
+    try:
+        out = action()
+    except CheckpointError as exc:
+        _err(str(exc))
+        return 1
+    except FileNotFoundError as exc:
+        _err(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+        return 1
+    print(f"{describe} written to {out}")
+    return 0
+
+
+def _cmd_hf_to_megatron(args: argparse.Namespace) -> int:
+    from megatron_prism.models.conversion import convert_hf_to_megatron
+
+    return _convert(
+        lambda: convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp),
+        f"megatron checkpoint (tp={args.tp}, pp={args.pp})",
+    )
+
+
+def _cmd_megatron_to_hf(args: argparse.Namespace) -> int:
+    from megatron_prism.models.conversion import convert_megatron_to_hf
+
+    return _convert(lambda: convert_megatron_to_hf(args.megatron_dir, args.out), "HF checkpoint")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed so tests and docs can inspect it)."""
+    parser = argparse.ArgumentParser(prog="prism", description="PRISM post-training for Qwen3-VL on megatron-core.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the pipeline stages described by a config file")
+    run.add_argument("config", metavar="CONFIG", help="YAML config file, e.g. examples/configs/tiny.yaml")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-6")
+    run.set_defaults(handler=_cmd_run)
+
+    convert = sub.add_parser("convert", help="convert checkpoints between HF and megatron layouts")
+    csub = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    h2m = csub.add_parser("hf-to-megatron", help="HF Qwen3-VL directory -> megatron_prism TP x PP checkpoint")
+    h2m.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
+    h2m.add_argument("--out", required=True, help="output checkpoint directory")
+    h2m.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size (default 1)")
+    h2m.add_argument("--pp", type=_positive_int, default=1, help="pipeline-parallel size (default 1)")
+    h2m.set_defaults(handler=_cmd_hf_to_megatron)
+    m2h = csub.add_parser("megatron-to-hf", help="megatron_prism checkpoint -> HF Qwen3-VL directory")
+    m2h.add_argument("--megatron-dir", required=True, help="checkpoint written by hf-to-megatron or training")
+    m2h.add_argument("--out", required=True, help="output HF directory")
+    m2h.set_defaults(handler=_cmd_megatron_to_hf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``prism`` console script; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

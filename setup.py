@@ -1,0 +1,47 @@
+"""Packaging for megatron_prism (plain setuptools; there is deliberately no pyproject.toml).
+
+``pip install -e .`` needs torch to be installed *first* on a CPU machine: ``torch>=2.6`` below is
+satisfied by an installed torch, but with none installed pip would fetch the newest CUDA build (GBs).
+``examples/run_prism_tiny.sh`` and ``tests/run.sh`` do this in the right order.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_version = re.search(
+    r'^__version__ = "([^"]+)"', (Path(__file__).parent / "megatron_prism" / "__init__.py").read_text(), re.M
+).group(1)
+
+setup(
+    name="megatron_prism",
+    version=_version,
+    description="PRISM post-training (SFT, on-policy distillation, RLVR) for Qwen3-VL on megatron-core",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_prism*", "kernels*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16,<0.20",
+        "transformers>=5.0",
+        "triton>=3.0",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "pyyaml>=6",
+        "tqdm",
+        "rich",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        # GPU runs. apex is not listed: where its fused kernels are wanted it is built from source
+        # against the installed torch/CUDA (its PyPI name is an unrelated package).
+        "gpu": ["transformer-engine[pytorch]", "sglang", "flash-attn"],
+        "vllm": ["vllm"],
+        "wandb": ["wandb"],
+    },
+    entry_points={"console_scripts": ["prism=megatron_prism.cli:main"]},
+)
