@@ -60,12 +60,12 @@ def _convert(action, describe: str) -> int:
 
     try:
         out = action()
-    except CheckpointError as exc:
+    except CheckpointError as exc:  # exit 2, as tools/convert_*.py
         _err(str(exc))
-        return 1
+        return 2
     except FileNotFoundError as exc:
         _err(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
-        return 1
+        return 2
     print(f"{describe} written to {out}")
     return 0
 

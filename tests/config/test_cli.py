@@ -98,16 +98,13 @@ def test_convert_delegates_to_the_conversion_functions(monkeypatch, tmp_path, ca
     assert "written to" in capsys.readouterr().out
 
 
-def test_convert_reports_checkpoint_errors_without_traceback(monkeypatch, capsys):
-    import megatron_prism.models.conversion as conversion
-    from megatron_prism.models.errors import CheckpointError
-
-    def broken(*_a, **_k):
-        raise CheckpointError("H/config.json: not a Qwen3-VL config")
-
-    monkeypatch.setattr(conversion, "convert_hf_to_megatron", broken)
-    assert main(["convert", "hf-to-megatron", "--hf-dir", "H", "--out", "M"]) == 1
-    assert capsys.readouterr().err == "prism: error: H/config.json: not a Qwen3-VL config\n"
+def test_convert_reports_checkpoint_errors_without_traceback(tmp_path, capsys):
+    # The real conversion on a directory that is not a checkpoint: one line, exit 2.
+    rc = main(["convert", "hf-to-megatron", "--hf-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "m")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prism: error: ") and "nope/config.json: no config.json" in err
+    assert "Traceback" not in err and not (tmp_path / "m").exists()
 
 
 def test_convert_rejects_non_positive_sizes(capsys):
