@@ -100,7 +100,6 @@ def main() -> None:
         micro_batch_size=cases[0]["input_ids"].shape[0],
         forward_only=args.mode == "parity",
     )
-    rank = dist.get_rank()
     if args.mode == "parity":
         if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
             save_file({f"logits_{i}": t.contiguous() for i, t in collect.items()}, f"{args.out}/logits.safetensors")
@@ -121,7 +120,6 @@ def main() -> None:
             save_file({f"loss_{i}": t.reshape(1) for i, t in collect.items()}, f"{args.out}/losses.safetensors")
     dist.barrier()
     dist.destroy_process_group()
-    del rank
 
 
 if __name__ == "__main__":

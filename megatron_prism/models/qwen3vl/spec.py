@@ -13,7 +13,6 @@ from __future__ import annotations
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -91,4 +90,4 @@ def final_norm_spec(backend: str = "local"):
     return RMSNorm
 
 
-__all__ = ["DeepStackTransformerLayer", "qwen3vl_layer_spec", "final_norm_spec", "IdentityOp"]
+__all__ = ["DeepStackTransformerLayer", "qwen3vl_layer_spec", "final_norm_spec"]

@@ -31,6 +31,3 @@ class Qwen3VLVisionTower(MegatronModule):
         out = self.model(pixel_values.to(self.model.patch_embed.proj.weight.dtype), grid_thw=grid_thw, return_dict=True)
         return out.pooler_output, list(out.deepstack_features)
 
-    def num_tokens(self, grid_thw: torch.Tensor) -> int:
-        """How many LM placeholder tokens these grids expand to."""
-        return int((grid_thw.prod(-1) // (self.spatial_merge_size**2)).sum())
