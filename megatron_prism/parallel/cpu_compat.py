@@ -151,10 +151,21 @@ def install() -> bool:
 
 
 def transformer_config_overrides() -> dict[str, Any]:
-    """TransformerConfig fields that must differ on a CPU (weights initialised on the host)."""
+    """TransformerConfig fields that must differ on a CPU.
+
+    ``use_cpu_initialization``: weights are initialised on the host.
+
+    ``batch_p2p_comm=False``: gloo matches an ``isend`` to an ``irecv`` between the same two ranks
+    by posting order. Megatron's batched p2p posts ``send_prev, recv_prev, send_next, recv_next``;
+    in the interleaved schedule at PP=2 the previous and the next rank are the same rank, so rank 0
+    sends [grad, activation] while rank 1 posts receives for [activation, grad] and the two
+    same-shaped tensors are silently swapped (micro-batches after warm-up get wrong losses). The
+    unbatched path orders sends and receives by even/odd rank and puts one direction on a second
+    group, which gloo matches correctly.
+    """
     if not on_cpu():
         return {}
-    return {"use_cpu_initialization": True}
+    return {"use_cpu_initialization": True, "batch_p2p_comm": False}
 
 
 def process_group_backend() -> str:

@@ -108,8 +108,9 @@ def reference_grads(tiny_dirs, tmp_path_factory):
         ("b", 2, ["--tp", "2", "--sp", "--recompute", "full"], 1),
         ("a", 2, ["--pp", "2"], 2),
         ("b", 2, ["--pp", "2"], 2),
+        ("b", 2, ["--pp", "2", "--vpp", "2"], 2),
     ],
-    ids=["tp2", "tp2-sp-recompute", "pp2-1f1b", "pp2-1f1b-tied"],
+    ids=["tp2", "tp2-sp-recompute", "pp2-1f1b", "pp2-1f1b-tied", "pp2-vpp2-interleaved"],
 )
 def test_gradients_match_single_rank(variant, nproc, flags, pp, tiny_dirs, reference_grads, tmp_path):
     torch.save(_grad_cases(), tmp_path / "inputs.pt")
