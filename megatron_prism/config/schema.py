@@ -15,6 +15,8 @@ AttentionBackend = Literal["auto", "sdpa", "te"]
 Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["constant", "cosine"]
 Logger = Literal["tensorboard", "wandb", "none"]
+LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+LossBackend = Literal["auto", "torch", "triton"]
 StageName = Literal["sft", "warmup", "align", "rlvr", "eval"]
 
 #: The order the pipeline runs its stages in. It is fixed by the method (SFT first, RLVR after the
@@ -97,17 +99,28 @@ class RolloutConfig:
 class AlgorithmConfig:
     """The policy-gradient recipe: advantage estimator, surrogate loss and its regularisers.
 
-    ``clip_high`` of ``None`` means a symmetric clip range (``clip_low`` on both sides).
+    Names are looked up in the registries of :mod:`megatron_prism.algorithms` (``advantage``,
+    ``loss``, ``kl_kind``, ``reward_shaping``, ``sampling_filter``). ``None`` for a clip value or
+    ``loss_agg`` takes the loss variant's own default (GRPO 0.2/0.2, DAPO 0.2/0.28 with dual clip
+    3, GSPO 3e-4/4e-4 with ``seq-mean-token-mean``). ``loss_backend``: ``triton`` is the fused
+    kernel, ``torch`` its reference, ``auto`` the kernel on a GPU.
     """
 
     advantage: str = "grpo"
     loss: str = "grpo"
-    clip_low: float = 0.2
+    clip_low: float | None = None
     clip_high: float | None = None
+    dual_clip: float | None = None
     kl_coef: float = 0.0
     kl_kind: str = "k3"
     entropy_coef: float = 0.0
-    loss_agg: str = "token-mean"
+    loss_agg: LossAgg | None = None
+    loss_backend: LossBackend = "auto"
+    reward_shaping: str = "none"
+    overlong_buffer: int = 0
+    overlong_penalty_factor: float = 1.0
+    sampling_filter: str = "none"
+    max_sampling_rounds: int = 10
 
 
 @dataclass(kw_only=True)
