@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["policy_loss_reference", "fused_policy_loss", "sequence_log_ratio", "STAT_NAMES", "KL_KINDS"]
+__all__ = ["policy_loss_reference", "fused_policy_loss", "sequence_log_ratio", "kl_reference", "STAT_NAMES", "KL_KINDS"]
 
 # Order of the statistics in the partials buffer (column 0 is the loss itself).
 STAT_NAMES: tuple[str, ...] = (
@@ -103,7 +103,7 @@ def _check_args(
 # ----------------------------------------------------------------------------------------------------
 # Pure-torch reference
 # ----------------------------------------------------------------------------------------------------
-def _kl_reference(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+def kl_reference(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token KL(pi || ref) estimators, Schulman (2020) "Approximating KL divergence" (verl names)."""
     if kind == "k1":  # k1 = log pi - log ref: unbiased, high variance
         return logp - ref_logp
@@ -162,7 +162,7 @@ def policy_loss_reference(
         clipped_lower = torch.zeros_like(keep)
     L = pg
     if ref_logp is not None and kl_coef != 0.0:
-        kl = _kl_reference(logp, ref_logp.to(logp.dtype), kl_kind)
+        kl = kl_reference(logp, ref_logp.to(logp.dtype), kl_kind)
         L = pg + kl_coef * kl
     else:
         kl = torch.zeros_like(pg)

@@ -13,41 +13,21 @@ Usable as a loss term (``policy_loss(..., ref_logp=, kl_coef=)``) or as a reward
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
+from kernels.fused_policy_loss import KL_KINDS, kl_reference
 from megatron_prism.registry import Registry
 
 KLFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator")
 
-
-@KL_ESTIMATORS.register("k1")
-def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    return logp - ref_logp
-
-
-@KL_ESTIMATORS.register("abs")
-def kl_abs(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    return (logp - ref_logp).abs()
-
-
-@KL_ESTIMATORS.register("k2")
-def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (logp - ref_logp) ** 2
-
-
-@KL_ESTIMATORS.register("k3")
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    log_r = (ref_logp - logp).clamp(-20.0, 20.0)
-    return (log_r.exp() - log_r - 1.0).clamp(-10.0, 10.0)
-
-
-@KL_ESTIMATORS.register("k3+")
-def kl_k3_straight_through(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    k1 = logp - ref_logp
-    return k1 - k1.detach() + kl_k3(logp, ref_logp).detach()
+# The formulas live once, beside the fused kernel that computes them per token
+# (kernels/fused_policy_loss.py); the registry names them for configs and for reward penalties.
+for _kind in KL_KINDS:
+    KL_ESTIMATORS.register(_kind)(functools.partial(kl_reference, kind=_kind))
 
 
 # verl's spellings, so configs written for verl read the same here.

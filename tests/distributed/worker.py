@@ -20,28 +20,38 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from megatron_prism.models import build_policy
+from megatron_prism.models.common.token_logprobs import next_token_targets
 from megatron_prism.models.conversion.mapping import global_name
 
 
-def _forward_step(cases, collect, mode, data_iterator, model):
+def _forward_step(cases, collect, mode, head_backend, data_iterator, model):
+    from megatron_prism.models.qwen3vl.model import HeadRequest
+
     index = next(data_iterator)
     case = cases[index]
+    targets = next_token_targets(case["input_ids"], case.get("attention_mask"))
+    head = HeadRequest(targets, with_entropy=True, backend=head_backend) if head_backend else None
     out = model(
         case["input_ids"],
         pixel_values=case.get("pixel_values"),
         image_grid_thw=case.get("image_grid_thw"),
         attention_mask=case.get("attention_mask"),
+        head=head,
     )
 
     def loss_func(output):
+        if head is not None:
+            token_logp, entropy = output.logp, output.entropy
+        else:
+            logits = output.float()
+            token_logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            entropy = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+        mask = (targets != -100).float()
         if mode == "parity":
-            collect[index] = output.detach().clone()
-            return output.sum() * 0, {}
-        logp = output.float().log_softmax(-1)[:, :-1]
-        labels = case["input_ids"][:, 1:]
-        mask = case["attention_mask"][:, 1:].float() if "attention_mask" in case else torch.ones_like(labels, dtype=torch.float)
-        token_logp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        loss = -(token_logp * mask).sum() / mask.sum()
+            collect[index] = output.detach().clone() if head is None else torch.stack([token_logp * mask, entropy]).detach()
+            return token_logp.sum() * 0, {}
+        # A log-likelihood plus a small entropy term, so the entropy gradient is checked too.
+        loss = -((token_logp - 0.1 * entropy) * mask).sum() / mask.sum()
         collect[index] = loss.detach()
         return loss, {}
 
@@ -59,6 +69,8 @@ def main() -> None:
     parser.add_argument("--vpp", type=int, default=None)
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--recompute", default="none")
+    parser.add_argument("--head", default=None, choices=["triton", "torch"],
+                        help="train through the fused log-prob head (this backend) instead of logits")
     args = parser.parse_args()
 
     from megatron.core import parallel_state as ps
@@ -92,7 +104,7 @@ def main() -> None:
     forward_backward = get_forward_backward_func()
     seq = max(c["input_ids"].shape[1] for c in cases)
     forward_backward(
-        forward_step_func=functools.partial(_forward_step, cases, collect, args.mode),
+        forward_step_func=functools.partial(_forward_step, cases, collect, args.mode, args.head),
         data_iterator=iterators,
         model=model_arg if args.vpp else model_arg[0],
         num_microbatches=n,
@@ -102,7 +114,8 @@ def main() -> None:
     )
     if args.mode == "parity":
         if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
-            save_file({f"logits_{i}": t.contiguous() for i, t in collect.items()}, f"{args.out}/logits.safetensors")
+            key = "logits" if args.head is None else "logp_entropy"
+            save_file({f"{key}_{i}": t.contiguous() for i, t in collect.items()}, f"{args.out}/{key}.safetensors")
     else:
         finalize_model_grads(chunks)
         num_layers = config.num_layers

@@ -121,7 +121,7 @@ def _scales(inputs: dict, cfg: dict) -> dict:
     ratio = lr.exp()
     kl = torch.zeros_like(ratio)
     if cfg.get("kl_coef", 0.0) != 0.0:
-        kl = fpl._kl_reference(d["logp"], d["ref_logp"], cfg.get("kl_kind", "k3")).abs()
+        kl = fpl.kl_reference(d["logp"], d["ref_logp"], cfg.get("kl_kind", "k3")).abs()
     rs = d["row_scale"].abs()[:, None]
     kl_coef = abs(cfg.get("kl_coef", 0.0))
     term = (d["advantages"].abs() * torch.maximum(ratio, torch.ones_like(ratio)) * 2.0 + kl_coef * kl) * rs

@@ -14,6 +14,7 @@ import torch
 from cases import hf_logits, make_case, relative_error, run_worker, standard_cases
 from safetensors.torch import load_file
 
+from megatron_prism.models.common.token_logprobs import next_token_targets
 from megatron_prism.models.conversion import layout_maps
 from megatron_prism.models.qwen3vl.config import read_hf_config
 
@@ -55,6 +56,27 @@ def test_logit_parity_interleaved(tiny_dirs, hf_models, tmp_path):
     got = load_file(tmp_path / "out" / "logits.safetensors")
     for i, case in enumerate(cases):
         assert relative_error(got[f"logits_{i}"], hf_logits(hf_models["b"], case), case) <= TOL, i
+
+
+@pytest.mark.parametrize(
+    "variant,flags", [("a", ["--tp", "2"]), ("b", ["--tp", "2", "--sp"])], ids=["tp2", "tp2-sp-tied"]
+)
+def test_fused_head_matches_transformers(variant, flags, tiny_dirs, hf_models, tmp_path):
+    """The training head (fused vocab-parallel log-prob + entropy kernel) against log_softmax and
+    the entropy of transformers' logits, float64."""
+    cases = standard_cases(seed=23, multiple_of=2)
+    names = list(cases)
+    torch.save([cases[n] for n in names], tmp_path / "inputs.pt")
+    run_worker(2, "parity", tiny_dirs[variant], tmp_path / "inputs.pt", tmp_path / "out", *flags, "--head", "triton")
+    got = load_file(tmp_path / "out" / "logp_entropy.safetensors")
+    for i, name in enumerate(names):
+        logits = hf_logits(hf_models[variant], cases[name]).double()
+        targets = next_token_targets(cases[name]["input_ids"], cases[name].get("attention_mask"))
+        mask = targets != -100
+        logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        torch.testing.assert_close(got[f"logp_entropy_{i}"][0].double(), logp, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[f"logp_entropy_{i}"][1].double()[mask], entropy[mask], rtol=1e-4, atol=1e-4)
 
 
 def _grad_cases() -> list[dict]:
@@ -109,8 +131,14 @@ def reference_grads(tiny_dirs, tmp_path_factory):
         ("a", 2, ["--pp", "2"], 2),
         ("b", 2, ["--pp", "2"], 2),
         ("b", 2, ["--pp", "2", "--vpp", "2"], 2),
+        ("a", 1, ["--head", "triton"], 1),
+        ("a", 2, ["--tp", "2", "--head", "triton"], 1),
+        ("b", 2, ["--tp", "2", "--sp", "--head", "triton"], 1),
+        ("a", 2, ["--tp", "2", "--head", "torch"], 1),
+        ("b", 2, ["--pp", "2", "--head", "triton"], 2),
     ],
-    ids=["tp2", "tp2-sp-recompute", "pp2-1f1b", "pp2-1f1b-tied", "pp2-vpp2-interleaved"],
+    ids=["tp2", "tp2-sp-recompute", "pp2-1f1b", "pp2-1f1b-tied", "pp2-vpp2-interleaved", "fused-head",
+         "tp2-fused-head", "tp2-sp-fused-head-tied", "tp2-torch-head", "pp2-fused-head-tied"],
 )
 def test_gradients_match_single_rank(variant, nproc, flags, pp, tiny_dirs, reference_grads, tmp_path):
     torch.save(_grad_cases(), tmp_path / "inputs.pt")

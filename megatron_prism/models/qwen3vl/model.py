@@ -12,6 +12,8 @@ grids), so nothing but hidden states crosses stages.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
@@ -21,28 +23,51 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
+from megatron_prism.models.common.token_logprobs import TokenLogProbs, token_logprobs
 from megatron_prism.models.qwen3vl.rope import InterleavedMRoPE, mrope_position_ids
 from megatron_prism.models.qwen3vl.spec import final_norm_spec, qwen3vl_layer_spec
 from megatron_prism.models.qwen3vl.vision import Qwen3VLVisionTower
 
 
+@dataclass
+class HeadRequest:
+    """Ask the last stage for target-token log-probs instead of logits (the training head)."""
+
+    targets: torch.Tensor  # [b, s] next-token ids; -100 marks positions without a target
+    with_entropy: bool = False
+    backend: str = "auto"
+
+
 class Qwen3VLLanguageModel(GPTModel):
-    """GPTModel with Qwen3-VL's interleaved MRoPE, able to stop before the output layer."""
+    """GPTModel with Qwen3-VL's interleaved MRoPE, able to stop before the output layer or to
+    replace it by the fused log-prob head."""
 
     def __init__(self, config: TransformerConfig, *, rotary_base: float, **kwargs) -> None:
         super().__init__(config=config, position_embedding_type="mrope", rotary_base=rotary_base, **kwargs)
         # Swap megatron's Qwen2-VL (sectioned) MRoPE for the interleaved layout of Qwen3-VL.
         self.rotary_pos_emb = InterleavedMRoPE(config.kv_channels, rotary_base, config.mrope_section)
         self._emit_hidden = False
+        self._head: HeadRequest | None = None
 
-    def forward(self, *args, return_hidden: bool = False, **kwargs):
+    def forward(self, *args, return_hidden: bool = False, head: HeadRequest | None = None, **kwargs):
         self._emit_hidden = return_hidden
+        self._head = head
         try:
             return super().forward(*args, **kwargs)
         finally:
             self._emit_hidden = False
+            self._head = None
 
     def _postprocess(self, hidden_states, *args, **kwargs):
+        if self._head is not None and self.post_process:
+            if self.share_embeddings_and_output_weights:
+                weight = self.shared_embedding_or_output_weight()
+            else:
+                weight = self.output_layer.weight
+            return token_logprobs(
+                hidden_states, weight, self._head.targets, sequence_parallel=self.config.sequence_parallel,
+                with_entropy=self._head.with_entropy, backend=self._head.backend,
+            )
         if self._emit_hidden and self.post_process:
             if self.config.sequence_parallel:
                 hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
@@ -200,9 +225,11 @@ class Qwen3VLPolicy(MegatronModule):
         position_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
         gather_logits: bool = True,
-    ) -> torch.Tensor:
-        """Logits [b, s, vocab] on the last stage (hidden [b, s, h] with ``return_hidden``);
-        on other pipeline stages, the hidden states [s, b, h] passed to the next stage."""
+        head: HeadRequest | None = None,
+    ) -> torch.Tensor | TokenLogProbs:
+        """Logits [b, s, vocab] on the last stage (hidden [b, s, h] with ``return_hidden``;
+        :class:`TokenLogProbs` of ``head.targets`` with ``head``, the training path, which never
+        builds the logits); on other pipeline stages, the hidden states [s, b, h] for the next."""
         tp = self.config.tensor_model_parallel_size
         if self.config.sequence_parallel and input_ids.shape[1] % tp:
             raise ValueError(
@@ -228,4 +255,5 @@ class Qwen3VLPolicy(MegatronModule):
             extra_block_kwargs=extra,
             runtime_gather_output=gather_logits,
             return_hidden=return_hidden,
+            head=head,
         )
