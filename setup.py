@@ -34,6 +34,9 @@ setup(
         "tqdm",
         "rich",
         "tensorboard",
+        "tokenizers>=0.20",
+        "pyarrow>=14",
+        "math-verify[antlr4_13_2]>=0.7",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout"],

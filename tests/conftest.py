@@ -25,3 +25,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+# Tiny random Qwen3-VL directories (variants "a" and "b" of megatron_prism.models.qwen3vl.tiny),
+# built once per session, and the transformers models loaded from them (the parity oracle).
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    from megatron_prism.models.qwen3vl.tiny import save_random_qwen3vl
+
+    root = tmp_path_factory.mktemp("tiny_qwen3vl")
+    return {v: save_random_qwen3vl(root / v, v, seed=11 + i) for i, v in enumerate("ab")}
+
+
+@pytest.fixture(scope="session")
+def hf_models(tiny_dirs):
+    return {v: _hf_model_class().from_pretrained(d, dtype=torch.float32).eval() for v, d in tiny_dirs.items()}
+
+
+def _hf_model_class():
+    from transformers import Qwen3VLForConditionalGeneration
+
+    return Qwen3VLForConditionalGeneration

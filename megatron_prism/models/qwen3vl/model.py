@@ -80,10 +80,18 @@ class Qwen3VLLanguageModel(GPTModel):
 def padding_attention_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     """[b, s] 1/0 padding mask -> megatron boolean mask [b, 1, s, s] (True = masked), or None.
 
+    A [b, 1, s, s] boolean mask is taken as already in megatron's convention (packed sequences
+    pass their block-diagonal causal mask this way).
+
     None means "causal, no padding", which lets attention use its fused causal path. A padded
     query row still attends to itself so that no softmax row is empty (empty rows give NaN, and NaN
     values at padded keys would poison real rows through 0 * NaN).
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (seq_len, seq_len):
+            raise ValueError(f"a 4-D attention mask must be bool [b, 1, {seq_len}, {seq_len}] (True = masked), "
+                             f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        return attention_mask
     if attention_mask is None or bool(attention_mask.bool().all()):
         return None
     keep = attention_mask.bool()
@@ -237,6 +245,8 @@ class Qwen3VLPolicy(MegatronModule):
                 f"({input_ids.shape[1]}) to a multiple of {tp}"
             )
         if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 4:
+                raise ValueError("with a 4-D (packed) attention mask, pass the per-sample position_ids too")
             position_ids = self.position_ids(input_ids, image_grid_thw, video_grid_thw, attention_mask)
         mask = padding_attention_mask(attention_mask, input_ids.shape[1])
         decoder_input = None

@@ -1,0 +1,115 @@
+"""Qwen3-VL image preprocessing, ours: resize to the patch grid, normalise, patchify.
+
+The vision tower sees an image as a grid of ``patch x patch`` pixel squares, ``merge x merge`` of
+which become one LM token. So an image is resized (bicubic, aspect ratio kept as well as the grid
+allows) to sides that are multiples of ``patch * merge`` with a pixel count within
+``[min_pixels, max_pixels]``, scaled to [0, 1], normalised with the model's mean/std, repeated
+``temporal_patch`` times (a still image is a one-frame video), and flattened to
+``pixel_values [h/p * w/p, 3 * temporal * p * p]`` with patches ordered merge-window by
+merge-window, which is the order the tower's patch merger expects. ``grid_thw = (1, h/p, w/p)``.
+
+Checked against transformers' Qwen2-VL/Qwen3-VL PIL image processor (``tests/data``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from megatron_prism.data.records import ImageRef, RecordError
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Qwen3-VL's defaults (preprocessor_config.json of the released checkpoints)."""
+
+    patch_size: int = 16
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 64 * 32 * 32  # 65536
+    max_pixels: int = 16384 * 32 * 32  # 16777216
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+def grid_size(height: int, width: int, s: ImageSettings) -> tuple[int, int]:
+    """Resized (height, width): multiples of ``patch * merge``, pixel count in range, aspect kept."""
+    if min(height, width) <= 0:
+        raise ValueError(f"image has no pixels ({width}x{height})")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is above 200")
+    f = s.factor
+    h = max(f, round(height / f) * f)
+    w = max(f, round(width / f) * f)
+    if h * w > s.max_pixels:
+        shrink = math.sqrt(height * width / s.max_pixels)
+        h = max(f, math.floor(height / shrink / f) * f)
+        w = max(f, math.floor(width / shrink / f) * f)
+    elif h * w < s.min_pixels:
+        grow = math.sqrt(s.min_pixels / (height * width))
+        h = math.ceil(height * grow / f) * f
+        w = math.ceil(width * grow / f) * f
+    return h, w
+
+
+def load_image(ref: ImageRef, where: str) -> Image.Image:
+    """Opens and fully decodes an image as RGB; a missing or corrupt file is a RecordError."""
+    try:
+        if ref.path is not None:
+            with Image.open(ref.path) as img:
+                img.load()
+                return img.convert("RGB")
+        with Image.open(io.BytesIO(ref.data or b"")) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise RecordError(f"{where}: image {ref.describe()} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise RecordError(f"{where}: image {ref.describe()} cannot be decoded ({exc}); replace or drop it") from None
+
+
+def patchify(image: Image.Image, s: ImageSettings) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """One RGB image -> (pixel_values [N, 3 * T * p * p] float32, grid (1, h/p, w/p))."""
+    h, w = grid_size(image.height, image.width, s)
+    resized = image.resize((w, h), resample=Image.Resampling.BICUBIC)
+    x = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)  # [3, h, w]
+    mean = np.asarray(s.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(s.image_std, dtype=np.float32)[:, None, None]
+    x = (x - mean) / std
+    p, m, t = s.patch_size, s.merge_size, s.temporal_patch_size
+    gh, gw = h // p, w // p
+    # [c, gh/m, m, p, gw/m, m, p] -> [gh/m, gw/m, m, m, c, p, p]: merge windows outermost
+    x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # a still image: T equal frames
+    return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * t * p * p)), (1, gh, gw)
+
+
+def process_images(refs: list[ImageRef], s: ImageSettings, where: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """All images of a record -> (pixel_values [sum N, D], image_grid_thw [n, 3]) or (None, None)."""
+    if not refs:
+        return None, None
+    patches, grids = [], []
+    for ref in refs:
+        try:
+            pv, grid = patchify(load_image(ref, where), s)
+        except ValueError as exc:
+            if isinstance(exc, RecordError):
+                raise
+            raise RecordError(f"{where}: image {ref.describe()}: {exc}") from None
+        patches.append(pv)
+        grids.append(grid)
+    return torch.cat(patches), torch.tensor(grids, dtype=torch.long)
+
+
+def tokens_per_image(grid_thw: torch.Tensor, s: ImageSettings) -> list[int]:
+    """LM tokens (image pads) each image occupies: ``t * h * w / merge^2``."""
+    return [int(g.prod()) // (s.merge_size**2) for g in grid_thw]

@@ -1,0 +1,272 @@
+"""The one record format of every stage, and its readers (JSONL, Parquet).
+
+A record is one multimodal example::
+
+    {"id": "geo-17", "images": ["img/17.png"], "prompt": "<image>\\nWhat is x?",
+     "response": "<caption>...</caption><think>...</think><answer>4</answer>",
+     "answer": "4", "source": "geo3k", "meta": {...}}
+
+* ``images``: paths relative to the JSONL file (absolute paths also accepted), or, in Parquet,
+  inline encoded bytes (PNG/JPEG). Resolved paths are stored absolute.
+* ``prompt`` (text; ``<image>`` marks where each image goes, in order; without any marker the
+  images go before the text, as Qwen-VL chat does) or ``messages`` (chat form: a list of
+  ``{"role": "system"|"user"|"assistant", "content": str}``, ``<image>`` markers inside contents).
+* ``response``: a demonstration (SFT and alignment splits); ``answer``: the verifiable ground truth
+  (RL and evaluation splits); ``source``: dataset of origin; ``meta``: anything else, kept as is.
+
+Which fields a split needs is given by ``REQUIRED_BY_KIND``. Bad input is either an error
+(``strict=True``: :class:`RecordError` naming the file, the line and the fix) or, in the default
+lenient mode, a skip counted by reason in a :class:`SkipCounter` and logged, whose counts the stage
+report prints. Nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+IMAGE_MARKER = "<image>"
+SplitKind = Literal["sft", "align", "rl", "eval"]
+REQUIRED_BY_KIND: dict[str, tuple[str, ...]] = {
+    "sft": ("response",),
+    "align": ("response",),
+    "rl": ("answer",),
+    "eval": ("answer",),
+}
+KNOWN_FIELDS = {"id", "images", "prompt", "messages", "response", "answer", "source", "meta"}
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the message names where it is and what to do."""
+
+
+@dataclass
+class ImageRef:
+    """An image of a record: a file path, or encoded bytes (Parquet)."""
+
+    path: Path | None = None
+    data: bytes | None = None
+
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else f"<{len(self.data or b'')} inline bytes>"
+
+
+@dataclass
+class Record:
+    id: str
+    images: list[ImageRef] = field(default_factory=list)
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    response: str | None = None
+    answer: str | None = None
+    source: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""  # "file:line", for messages
+
+    def user_text(self) -> str:
+        """The prompt text (the last user turn in chat form)."""
+        if self.prompt is not None:
+            return self.prompt
+        users = [m["content"] for m in self.messages or [] if m.get("role") == "user"]
+        return users[-1] if users else ""
+
+    def to_json(self, relative_to: Path | None = None) -> dict[str, Any]:
+        """Plain dict for JSONL (image paths relative to ``relative_to`` when given)."""
+        out: dict[str, Any] = {"id": self.id}
+        if self.images:
+            paths = []
+            for img in self.images:
+                if img.path is None:
+                    raise RecordError(f"{self.origin or self.id}: inline image bytes cannot be written to JSONL")
+                paths.append(str(img.path.relative_to(relative_to)) if relative_to else str(img.path))
+            out["images"] = paths
+        for key in ("prompt", "messages", "response", "answer", "source"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+
+@dataclass
+class SkipCounter:
+    """Counts skipped records by reason (lenient mode); logs the first few of each reason."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    log_first: int = 3
+
+    def skip(self, reason: str, message: str) -> None:
+        self.counts[reason] += 1
+        seen = self.examples.setdefault(reason, [])
+        if len(seen) < self.log_first:
+            seen.append(message)
+            log.warning("skipping record: %s", message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no records skipped"
+        return f"{self.total} records skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(self.counts.items()))
+
+
+def _check_text(value: Any, key: str, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_record(obj: Any, *, kind: SplitKind, base_dir: Path, where: str) -> Record:
+    """Validates one decoded JSON object (or Parquet row) into a :class:`Record`."""
+    if not isinstance(obj, dict):
+        raise RecordError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+    unknown = set(obj) - KNOWN_FIELDS
+    if unknown:
+        raise RecordError(
+            f"{where}: unknown field(s) {sorted(unknown)}; records have {sorted(KNOWN_FIELDS)} "
+            "(put anything else under 'meta')"
+        )
+    rid = obj.get("id")
+    if not isinstance(rid, (str, int)) or rid == "":
+        raise RecordError(f"{where}: missing 'id' (a non-empty string)")
+    prompt = _check_text(obj.get("prompt"), "prompt", where)
+    messages = obj.get("messages")
+    if (prompt is None) == (messages is None):
+        raise RecordError(f"{where}: give exactly one of 'prompt' (text) or 'messages' (chat turns)")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise RecordError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} with "
+                              "role system/user/assistant and string content")
+    images: list[ImageRef] = []
+    for item in obj.get("images") or []:
+        if isinstance(item, str):
+            path = Path(item)
+            images.append(ImageRef(path=path if path.is_absolute() else (base_dir / path)))
+        elif isinstance(item, (bytes, bytearray)):
+            images.append(ImageRef(data=bytes(item)))
+        elif isinstance(item, dict) and isinstance(item.get("bytes"), (bytes, bytearray)):
+            images.append(ImageRef(data=bytes(item["bytes"])))  # the HF datasets Image layout
+        elif isinstance(item, dict) and isinstance(item.get("base64"), str):
+            images.append(ImageRef(data=base64.b64decode(item["base64"])))
+        else:
+            raise RecordError(f"{where}: an image must be a path, bytes, or {{'bytes': ...}}; got {type(item).__name__}")
+    record = Record(
+        id=str(rid), images=images, prompt=prompt, messages=messages,
+        response=_check_text(obj.get("response"), "response", where),
+        answer=_check_text(obj.get("answer") if not isinstance(obj.get("answer"), (int, float)) else str(obj["answer"]),
+                           "answer", where),
+        source=_check_text(obj.get("source"), "source", where),
+        meta=obj.get("meta") or {}, origin=where,
+    )
+    for key in REQUIRED_BY_KIND[kind]:
+        value = getattr(record, key)
+        if value is None or not value.strip():
+            raise RecordError(f"{where}: {kind} records need a non-empty {key!r}")
+    markers = sum(t.count(IMAGE_MARKER) for t in ([prompt] if prompt else [m["content"] for m in messages or []]))
+    if markers and markers != len(images):
+        raise RecordError(f"{where}: {markers} {IMAGE_MARKER} markers but {len(images)} images")
+    for img in images:
+        if img.path is not None and not img.path.is_file():
+            raise RecordError(f"{where}: image {img.path} does not exist (paths are relative to the JSONL file)")
+    return record
+
+
+def _reason(err: RecordError) -> str:
+    text = str(err)
+    for reason in ("JSON", "UTF-8", "does not exist", "non-empty", "markers", "unknown field", "id"):
+        if reason in text:
+            return {"does not exist": "missing image", "non-empty": "empty field", "markers": "image count",
+                    "unknown field": "unknown field", "id": "missing id"}.get(reason, reason)
+    return "invalid record"
+
+
+def read_jsonl(path: str | Path, kind: SplitKind, *, strict: bool = False,
+               skips: SkipCounter | None = None) -> Iterator[Record]:
+    """Records of a JSONL file, in order. Blank lines are ignored."""
+    path = Path(path)
+    skips = skips if skips is not None else SkipCounter()
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            where = f"{path}:{number}"
+            try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise RecordError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                      "re-encode the file as UTF-8") from None
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise RecordError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                yield parse_record(obj, kind=kind, base_dir=path.parent, where=where)
+            except RecordError as err:
+                if strict:
+                    raise
+                skips.skip(_reason(err), str(err))
+
+
+def read_parquet(path: str | Path, kind: SplitKind, *, strict: bool = False,
+                 skips: SkipCounter | None = None) -> Iterator[Record]:
+    """Records of a Parquet file (images as inline bytes or paths), in row order."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    skips = skips if skips is not None else SkipCounter()
+    table = pq.ParquetFile(path)
+    row = 0
+    for batch in table.iter_batches(batch_size=256):
+        for obj in batch.to_pylist():
+            row += 1
+            where = f"{path}:row {row}"
+            obj = {k: v for k, v in obj.items() if v is not None}
+            if isinstance(obj.get("meta"), str):
+                obj["meta"] = json.loads(obj["meta"])
+            try:
+                yield parse_record(obj, kind=kind, base_dir=path.parent, where=where)
+            except RecordError as err:
+                if strict:
+                    raise
+                skips.skip(_reason(err), str(err))
+
+
+def read_records(path: str | Path, kind: SplitKind, *, strict: bool = False,
+                 skips: SkipCounter | None = None) -> Iterator[Record]:
+    """JSONL or Parquet by extension."""
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(f"{path}: no such data file")
+    if path.suffix == ".parquet":
+        return read_parquet(path, kind, strict=strict, skips=skips)
+    if path.suffix in (".jsonl", ".json"):
+        return read_jsonl(path, kind, strict=strict, skips=skips)
+    raise RecordError(f"{path}: unknown data file type {path.suffix!r}; use .jsonl or .parquet")
+
+
+def write_jsonl(records: list[Record], path: str | Path) -> Path:
+    """Writes records as JSONL with image paths relative to the file (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec.to_json(relative_to=path.parent), ensure_ascii=False, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
