@@ -1,0 +1,255 @@
+"""The embedded synthetic task: reproducible bytes, valid records, correct answers and captions,
+distinct SFT/alignment styles, a working tokenizer, and eval items unseen in training.
+
+Answers are re-derived here from the scene stored in ``meta`` by a checker written independently
+of the generator's ``solve``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from megatron_prism.data.chat import SPECIAL_TOKENS, render_prompt, render_response
+from megatron_prism.data.records import read_records
+from megatron_prism.data.synth import SynthSizes, generate_dataset
+
+SIZES = SynthSizes(sft=120, align=60, rl=60, eval=60, width=64, height=64)
+SEED = 11
+SPLITS = ("sft", "align", "rl", "eval")
+TAGS = ("<caption>", "</caption>", "<think>", "</think>", "<answer>", "</answer>")
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "a"
+    generate_dataset(out, SEED, SIZES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(data_dir: Path) -> dict[str, list]:
+    return {s: list(read_records(data_dir / s / "data.jsonl", s, strict=True)) for s in SPLITS}
+
+
+def sizes_arg(s: SynthSizes) -> str:
+    return f"sft={s.sft},align={s.align},rl={s.rl},eval={s.eval}"
+
+
+def test_same_seed_same_bytes_other_seed_differs(data_dir: Path, tmp_path: Path) -> None:
+    # The second tree comes from another process (the CLI), so Rust-side hash seeds differ too.
+    cmd = [sys.executable, "-m", "megatron_prism.data.synth", "--out", str(tmp_path / "b"), "--seed", str(SEED),
+           "--sizes", sizes_arg(SIZES), "--image-size", "64x64"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    a, b = tree_bytes(data_dir), tree_bytes(tmp_path / "b")
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    assert "tokenizer/tokenizer.json" in a
+    generate_dataset(tmp_path / "c", SEED + 1, SIZES)
+    c = tree_bytes(tmp_path / "c")
+    assert a["sft/data.jsonl"] != c["sft/data.jsonl"]
+    assert sum(a[k] != c.get(k) for k in a if k.endswith(".png")) > len(a) // 2
+
+
+def test_existing_output_needs_overwrite(data_dir: Path) -> None:
+    with pytest.raises(FileExistsError):
+        generate_dataset(data_dir, SEED, SIZES)
+
+
+def test_manifest(data_dir: Path) -> None:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    assert manifest["seed"] == SEED
+    assert manifest["counts"] == {"sft": 120, "align": 60, "rl": 60, "eval": 60}
+    assert manifest["sizes"]["width"] == 64 and manifest["generator_version"]
+    files = {k: v for k, v in tree_bytes(data_dir).items() if k != "manifest.json"}
+    assert sorted(manifest["files"]) == sorted(files)
+    for name, content in files.items():
+        assert manifest["files"][name] == hashlib.sha256(content).hexdigest(), name
+    assert manifest["special_token_ids"] == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+
+
+# ----------------------------------------------------------------------------- independent checker
+
+def check_answer(scene: dict, qtype: str, p: dict) -> str:
+    objs = scene["objects"]
+
+    def count(**want) -> int:
+        return len([o for o in objs if all(o[k] == v for k, v in want.items())])
+
+    if qtype == "count_color":
+        return str(count(color=p["color"]))
+    if qtype == "count_shape":
+        return str(count(shape=p["shape"]))
+    if qtype == "count_color_shape":
+        return str(count(color=p["color"], shape=p["shape"]))
+    if qtype == "count_size":
+        return str(count(size=p["size"]))
+    if qtype == "total":
+        return str(len(objs))
+    if qtype == "more_than":
+        diff = count(shape=p["a"]) - count(shape=p["b"])
+        assert diff >= 0
+        return str(diff)
+    if qtype == "color_of":
+        (match,) = [o for o in objs if o["size"] == p["size"] and o["shape"] == p["shape"]]
+        return match["color"]
+    if qtype == "most_color":
+        (best, n), *rest = Counter(o["color"] for o in objs).most_common()
+        assert not rest or rest[0][1] < n
+        return best
+    if scene["kind"] == "bars":
+        h = {o["color"]: o["height"] for o in objs}
+        ranked = sorted(h.values())
+        if qtype == "bar_height":
+            return str(h[p["color"]])
+        if qtype == "top2_sum":
+            return str(ranked[-1] + ranked[-2])
+        if qtype == "tallest_color":
+            assert ranked[-1] > ranked[-2]
+            return max(h, key=h.get)
+        if qtype == "bar_diff":
+            assert h[p["a"]] > h[p["b"]]
+            return str(h[p["a"]] - h[p["b"]])
+        if qtype == "bar_total":
+            return str(sum(ranked))
+    d = sorted(o["digit"] for o in objs)
+    return {"digit_sum": str(sum(d)), "digit_max": str(d[-1]), "digit_range": str(d[-1] - d[0]),
+            "digit_count_gt": str(len([x for x in d if x > p.get("k", 99)]))}[qtype]
+
+
+def words_to_mention(scene: dict, qtype: str, p: dict) -> set[str]:
+    """What a caption must name: the attributes of the objects the question is about."""
+    objs, kind = scene["objects"], scene["kind"]
+    if kind == "digits":
+        return {str(o["digit"]) for o in objs}
+    if kind == "bars":
+        h = {o["color"]: o["height"] for o in objs}
+        top = sorted(h.values(), reverse=True)
+        return {"bar_height": {p.get("color", ""), str(h.get(p.get("color"), ""))},
+                "bar_diff": {p.get("a", ""), p.get("b", ""), str(h.get(p.get("a"))), str(h.get(p.get("b")))},
+                "top2_sum": {str(top[0]), str(top[1])},
+                "tallest_color": {max(h, key=h.get), str(top[0])},
+                "bar_total": {str(v) for v in h.values()}}[qtype]
+    if qtype == "most_color":
+        return {o["color"] for o in objs}
+    if qtype == "more_than":
+        rel = [o for o in objs if o["shape"] in (p["a"], p["b"])]
+    else:
+        rel = [o for o in objs if all(o[k] == v for k, v in p.items())]
+    return {o[k] for o in rel for k in ("color", "shape", *(["size"] if "size" in p else []))}
+
+
+def parts(response: str) -> tuple[str, str, str]:
+    m = re.fullmatch(r"<caption>(.*)</caption><think>(.*)</think><answer>(.*)</answer>", response, re.S)
+    assert m, response
+    return m.group(1), m.group(2), m.group(3)
+
+
+def test_records_images_answers_captions(data_dir: Path, records: dict[str, list]) -> None:
+    for split in SPLITS:
+        assert len(records[split]) == SIZES.count(split)
+        for rec in records[split]:
+            meta = rec.meta
+            assert len(rec.images) == 1 and rec.prompt.startswith("<image>\n")
+            with Image.open(rec.images[0].path) as img:
+                assert img.size == (SIZES.width, SIZES.height) and img.mode == "RGB"
+            assert rec.answer == check_answer(meta["scene"], meta["qtype"], meta["params"]), rec.id
+            assert all(str(v) in rec.prompt for v in meta["params"].values()), rec.id
+            if split in ("rl", "eval"):
+                assert rec.response is None
+                continue
+            caption, think, answer = parts(rec.response)
+            assert answer == rec.answer, rec.id
+            missing = {w for w in words_to_mention(meta["scene"], meta["qtype"], meta["params"]) if w not in caption}
+            assert not missing, (rec.id, missing, caption)
+
+
+def test_images_show_the_scene(records: dict[str, list]) -> None:
+    """Spot check: a pixel at the centre of each cell holding a large shape / a bar's base."""
+    from megatron_prism.data.synth.scenes import COLORS
+
+    for rec in records["sft"][:40]:
+        scene = rec.meta["scene"]
+        with Image.open(rec.images[0].path) as img:
+            for o in scene["objects"]:
+                if scene["kind"] == "shapes":
+                    xy = (o["col"] * 16 + 8, o["row"] * 16 + 9)
+                elif scene["kind"] == "bars":
+                    xy = (o["col"] * 16 + 8, scene["height"] - 2)
+                else:
+                    continue
+                assert img.getpixel(xy) == COLORS[o["color"]], (rec.id, o)
+
+
+def test_alignment_style_is_denser(records: dict[str, list]) -> None:
+    sft = [parts(r.response)[0] for r in records["sft"]]
+    align = [parts(r.response)[0] for r in records["align"]]
+    assert sum(map(len, align)) / len(align) > 1.8 * sum(map(len, sft)) / len(sft)
+    assert sum(len(r.meta["scene"]["objects"]) for r in records["align"]) / len(align) > \
+        sum(len(r.meta["scene"]["objects"]) for r in records["sft"]) / len(sft)  # harder items
+    for rec in records["align"]:
+        scene, caption = rec.meta["scene"], parts(rec.response)[0]
+        objs = scene["objects"]
+        assert caption.startswith(f"{len(objs)} "), caption
+        if scene["kind"] == "bars":
+            listed = re.findall(r"(red|green|blue|yellow) (\d)", caption)
+            assert listed == [(o["color"], str(o["height"])) for o in objs], caption
+            continue
+        listed = [(int(r) - 1, item.strip()) for r, items in re.findall(r"row (\d+): ([^.]+)\.", caption)
+                  for item in items.split(",")]
+        if scene["kind"] == "shapes":
+            expect = [(o["row"], f"{o['size']} {o['color']} {o['shape']}") for o in objs]
+        else:
+            expect = [(o["row"], str(o["digit"])) for o in objs]
+        assert listed == expect, caption
+    for rec in records["sft"]:  # terse: a shapes caption never lists every object with its size
+        if rec.meta["scene"]["kind"] == "shapes":
+            assert not parts(rec.response)[0].startswith(f"{len(rec.meta['scene']['objects'])} shapes")
+
+
+def test_tokenizer(data_dir: Path, records: dict[str, list]) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(len(SPECIAL_TOKENS)))
+    for t in (*SPECIAL_TOKENS, *TAGS, *"0123456789"):
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1, t
+    assert len(tok("123", add_special_tokens=False)["input_ids"]) == 3
+    tag_ids = tok.convert_tokens_to_ids(list(TAGS))
+    assert tag_ids == list(range(len(tok) - len(TAGS), len(tok)))
+    assert tok.decode(tag_ids, skip_special_tokens=True) == "".join(TAGS)  # tags are not special
+    vocab = tok.get_vocab()
+    for split in SPLITS:
+        for rec in records[split]:
+            text = render_prompt(rec) + (render_response(rec.response) if rec.response else rec.answer)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert tok.decode(ids) == text  # exact round trip: nothing unknown, nothing dropped
+            assert all(0 <= i < len(vocab) for i in ids)
+    sample = render_prompt(records["sft"][0]) + render_response(records["sft"][0].response)
+    ids = tok(sample, add_special_tokens=False)["input_ids"]
+    for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|im_end|>", "<caption>", "<answer>"):
+        assert ids.count(tok.convert_tokens_to_ids(t)) >= 1
+    assert len(parts(records["sft"][0].response)) and len(tok(records["sft"][0].response)["input_ids"]) < 80
+
+
+def test_eval_disjoint_from_training(records: dict[str, list]) -> None:
+    def key(rec) -> str:
+        return json.dumps(rec.meta["scene"]["objects"], sort_keys=True) + rec.meta["scene"]["kind"] + rec.prompt
+
+    train = {key(r) for s in ("sft", "align", "rl") for r in records[s]}
+    evals = [key(r) for r in records["eval"]]
+    assert len(set(evals)) == len(evals)
+    assert not train & set(evals)
