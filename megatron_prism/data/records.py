@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,7 +87,8 @@ class Record:
             for img in self.images:
                 if img.path is None:
                     raise RecordError(f"{self.origin or self.id}: inline image bytes cannot be written to JSONL")
-                paths.append(str(img.path.relative_to(relative_to)) if relative_to else str(img.path))
+                # relpath, not Path.relative_to: images may live outside the JSONL's directory
+                paths.append(os.path.relpath(img.path, relative_to) if relative_to else str(img.path))
             out["images"] = paths
         for key in ("prompt", "messages", "response", "answer", "source"):
             value = getattr(self, key)
@@ -238,9 +240,12 @@ def read_parquet(path: str | Path, kind: SplitKind, *, strict: bool = False,
             row += 1
             where = f"{path}:row {row}"
             obj = {k: v for k, v in obj.items() if v is not None}
-            if isinstance(obj.get("meta"), str):
-                obj["meta"] = json.loads(obj["meta"])
             try:
+                if isinstance(obj.get("meta"), str):
+                    try:
+                        obj["meta"] = json.loads(obj["meta"])
+                    except json.JSONDecodeError as exc:
+                        raise RecordError(f"{where}: 'meta' is not valid JSON ({exc.msg})") from None
                 yield parse_record(obj, kind=kind, base_dir=path.parent, where=where)
             except RecordError as err:
                 if strict:
