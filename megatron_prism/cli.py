@@ -13,26 +13,28 @@ config errors are instant.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from megatron_prism import __version__
 from megatron_prism.config import STAGE_ORDER, ConfigError, PrismConfig, dump_config, load_config
 
-#: Stages whose implementation has not landed yet, with the issue that brings each one.
-_PENDING_STAGES = {"sft": 6, "warmup": 7, "align": 7, "rlvr": 6, "eval": 6}
-
-
 def _err(message: str) -> None:
     print(f"prism: error: {message}", file=sys.stderr)
 
 
 def run_pipeline(cfg: PrismConfig) -> int:
-    """Walk the enabled stages in pipeline order (see ``STAGE_ORDER``)."""
-    for stage in cfg.enabled_stages():
-        issue = _PENDING_STAGES.get(stage.name)
-        if issue is not None:
-            print(f"stage {stage.name.upper()}: not yet implemented (lands with issue {issue})")
+    """Run the enabled stages in pipeline order (see ``STAGE_ORDER``) and print the report paths."""
+    from megatron_prism.models.errors import CheckpointError
+    from megatron_prism.pipeline import run
+
+    try:
+        report = run(cfg)
+    except (CheckpointError, NotImplementedError, FileNotFoundError) as exc:
+        _err(str(exc))
+        return 2
+    print(f"[prism] report: {report} and {report.with_suffix('.json')}")
     return 0
 
 
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prism`` console script; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[prism] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("megatron", "torch", "transformers"):  # their INFO lines drown the run's progress
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return args.handler(args)
 
 

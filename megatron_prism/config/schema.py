@@ -55,15 +55,23 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Where prompts come from. ``lenient`` skips malformed records with a warning instead of
-    stopping the run, which is what one wants from large scraped JSONL files."""
+    """Where the data comes from and how images become tokens.
 
-    train_path: str | None = None
-    eval_path: str | None = None
+    ``root`` is a directory with one sub-directory per split (``sft/``, ``align/``, ``rl/``,
+    ``eval/``) of JSONL/Parquet record files; each stage reads its split (a stage's own
+    ``data_path`` overrides that). ``null`` generates the embedded synthetic task into
+    ``<run.output_dir>/data`` with ``synth_*`` settings. ``lenient`` skips malformed records with a
+    counted warning instead of stopping the run. ``min_pixels``/``max_pixels`` bound the resized
+    image (Qwen3-VL's released defaults: 65536 and 16777216).
+    """
+
+    root: str | None = None
     max_seq_len: int = 2048
     seed: int = 1234
-    num_workers: int = 0
     lenient: bool = True
+    min_pixels: int = 65536
+    max_pixels: int = 16777216
+    synth_sizes: str = "sft=2000,align=500,rl=1000,eval=200"
 
 
 @dataclass
@@ -99,13 +107,16 @@ class RolloutConfig:
 class AlgorithmConfig:
     """The policy-gradient recipe: advantage estimator, surrogate loss and its regularisers.
 
-    Names are looked up in the registries of :mod:`megatron_prism.algorithms` (``advantage``,
+    ``reward`` names a reward of :mod:`megatron_prism.rewards` (e.g. ``math_format``: format-gated
+    0.8 accuracy + 0.2 format). Names are looked up in the registries of
+    :mod:`megatron_prism.algorithms` (``advantage``,
     ``loss``, ``kl_kind``, ``reward_shaping``, ``sampling_filter``). ``None`` for a clip value or
     ``loss_agg`` takes the loss variant's own default (GRPO 0.2/0.2, DAPO 0.2/0.28 with dual clip
     3, GSPO 3e-4/4e-4 with ``seq-mean-token-mean``). ``loss_backend``: ``triton`` is the fused
     kernel, ``torch`` its reference, ``auto`` the kernel on a GPU.
     """
 
+    reward: str = "math_format"
     advantage: str = "grpo"
     loss: str = "grpo"
     clip_low: float | None = None
@@ -121,6 +132,8 @@ class AlgorithmConfig:
     overlong_penalty_factor: float = 1.0
     sampling_filter: str = "none"
     max_sampling_rounds: int = 10
+    ppo_epochs: int = 1
+    mini_batches: int = 1
 
 
 @dataclass(kw_only=True)
@@ -133,7 +146,8 @@ class StageConfig:
     global_batch_size: int
     save_every: int
     eval_every: int
-    output_dir: str
+    output_dir: str | None = None  # None: <run.output_dir>/<stage name>
+    data_path: str | None = None
 
 
 @dataclass

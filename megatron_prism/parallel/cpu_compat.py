@@ -106,6 +106,13 @@ class _NullStream:
 _NULL_STREAM = _NullStream()
 
 
+class _NullStreamClass(_NullStream):
+    """``torch.cuda.Stream(...)`` / ``torch.cuda.Event(...)`` on CPU: a null stream of any arguments."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        pass
+
+
 def install() -> bool:
     """Install the shim once, when there is no GPU. Returns True when it is (now) installed."""
     global _INSTALLED
@@ -127,10 +134,11 @@ def install() -> bool:
     # (torch.manual_seed itself calls cuda.manual_seed_all, which stays lazy without CUDA.)
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore
     # Streams used by the MoE alltoall dispatcher and DDP overlap.
-    cuda.Stream = lambda *_a, **_k: _NULL_STREAM  # type: ignore[assignment]
+    # Classes, not lambdas: libraries imported later use them in annotations (``Stream | None``).
+    cuda.Stream = _NullStreamClass  # type: ignore[assignment]
     cuda.current_stream = lambda *_a, **_k: _NULL_STREAM  # type: ignore[assignment]
     cuda.stream = lambda *_a, **_k: contextlib.nullcontext()  # type: ignore[assignment]
-    cuda.Event = lambda *_a, **_k: _NULL_STREAM  # type: ignore[assignment]
+    cuda.Event = _NullStreamClass  # type: ignore[assignment]
 
     # megatron moves some tensors with `.cuda()` (e.g. the tied output-layer copy on the last
     # pipeline stage before its first all-reduce); on a CPU-only machine they stay where they are.

@@ -93,3 +93,4 @@ def combined_reward(spec: Mapping[str, Any] | None = None, **overrides: Any) -> 
 
 register_reward("math_format")(CombinedReward("math", {"accuracy": 0.8, "format": 0.2}, True))
 register_reward("choice_format")(CombinedReward("choice", {"accuracy": 0.8, "format": 0.2}, True))
+register_reward("exact_format")(CombinedReward("exact", {"accuracy": 0.8, "format": 0.2}, True))

@@ -204,3 +204,13 @@ def yesno_reward(response: str, answer: str, *, require_tags: bool = True, **_: 
         return RewardResult(0.0, extracted=pred_text, error=f"unparseable ground truth {answer!r}")
     pred = parse_yesno(last_boxed(pred_text) or pred_text)
     return RewardResult(1.0 if pred is gold else 0.0, extracted=pred_text)
+
+
+@register_reward("exact")
+def exact_reward(response: str, answer: str, *, require_tags: bool = True, **_: Any) -> RewardResult:
+    """Exact match after normalisation (case, surrounding space and punctuation): for tasks whose
+    answers are short canonical strings, such as the embedded synthetic task (numbers, colours)."""
+    pred_text = answer_text(response, require_tags)
+    if pred_text is None:
+        return RewardResult(0.0, extracted=None)
+    return RewardResult(1.0 if _norm(pred_text).strip(" .") == _norm(answer).strip(" .") else 0.0, extracted=pred_text)

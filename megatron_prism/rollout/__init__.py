@@ -12,7 +12,7 @@ from megatron_prism.rollout.interface import (
 
 # Importing the engine modules registers them by name ("embedded", "sglang", "vllm"); the GPU
 # adapters import their packages only when an engine is constructed.
-from megatron_prism.rollout import sglang_engine, vllm_engine  # noqa: E402,F401
+from megatron_prism.rollout import embedded, sglang_engine, vllm_engine  # noqa: E402,F401
 
 __all__ = ["ENGINES", "MEMORY_TAGS", "GenerationRequest", "GenerationResult", "RolloutEngine", "SamplingParams",
            "register_engine"]

@@ -42,6 +42,9 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop_ids: Sequence[int] = ()
     seed: int = 0
+    # Tokens never to sample (their probability is moved to the others): e.g. the vision
+    # placeholders, and the padded ids of a vocabulary larger than its tokenizer.
+    banned_ids: Sequence[int] = ()
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1:

@@ -22,7 +22,8 @@ TINY = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny.yaml
 
 
 def _stage(out: str, **kw) -> dict:
-    return {"steps": 3, "global_batch_size": 2, "save_every": 3, "eval_every": 1, "output_dir": out, **kw}
+    return {"steps": 3, "global_batch_size": 2, "save_every": 3, "eval_every": 1, "output_dir": out,
+            "data_path": None, **kw}
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -108,3 +108,15 @@ def test_yesno(pred: str, gold: str, score: int) -> None:
 def test_yesno_requires_answer_block() -> None:
     assert get_reward("yesno")("Yes", "yes").score == 0.0
     assert get_reward("yesno")("Yes", "yes", require_tags=False).score == 1.0
+
+
+def test_exact_and_exact_format():
+    from megatron_prism.rewards import get_reward
+
+    good = "<caption>two red circles</caption><think>1, 2.</think><answer> Red. </answer>"
+    assert float(get_reward("exact")(good, "red")) == 1.0
+    assert float(get_reward("exact")(good, "blue")) == 0.0
+    assert float(get_reward("exact")("red", "red")) == 0.0  # no answer tag
+    assert float(get_reward("exact_format")(good, "red")) == 1.0
+    assert float(get_reward("exact_format")(good, "3")) == pytest.approx(0.2)
+    assert float(get_reward("exact_format")("<answer>red</answer>", "red")) == 0.0  # format gate

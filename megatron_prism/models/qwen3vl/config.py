@@ -133,6 +133,10 @@ def transformer_config(hf_config, layout: LayoutOptions):
         bf16=layout.dtype == torch.bfloat16,
         fp16=layout.dtype == torch.float16,
         variable_seq_lengths=True,
+        # Our losses arrive already normalised by the *global* token/sequence counts
+        # (algorithms.aggregation), so megatron must neither divide them by the number of
+        # micro-batches nor average gradients over data-parallel ranks: it sums both.
+        calculate_per_token_loss=True,
         moe_token_dispatcher_type="alltoall",  # the only dispatcher megatron allows with variable lengths
         apply_rope_fusion=False,
         bias_activation_fusion=False,

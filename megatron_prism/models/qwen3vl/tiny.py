@@ -69,3 +69,44 @@ def save_random_qwen3vl(out_dir: str | Path, variant: str = "a", seed: int = 0,
     out = Path(out_dir)
     model.save_pretrained(out)
     return out
+
+
+#: The embedded pipeline's model: the shape of variant "a" with a vision tower whose 16-pixel
+#: patches suit the synthetic task's 64x64 images (4x4 patches, 4 LM tokens after the 2x2 merge).
+PIPELINE_SHAPE = dict(
+    text=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                               "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+    vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
+                num_position_embeddings=16, deepstack_visual_indexes=[0]),
+)
+
+
+def save_tiny_for_tokenizer(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random Qwen3-VL sized to a tokenizer (vocab rounded up to a multiple of 64, so any
+    TP up to 64 divides it), with the tokenizer's vision-token ids and its files copied in, so the
+    directory is a complete model (weights + config + tokenizer) like a released checkpoint."""
+    import shutil
+
+    from transformers import AutoTokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    ids = {key: tok.convert_tokens_to_ids(tok_name) for key, tok_name in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    vocab = -(-len(tok) // 64) * 64
+    text = dict(PIPELINE_SHAPE["text"], vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                hidden_act="silu", bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=tok.pad_token_id)
+    config = Qwen3VLConfig(text_config=text, vision_config=dict(PIPELINE_SHAPE["vision"]),
+                           tie_word_embeddings=False, **ids)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return out

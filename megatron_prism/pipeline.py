@@ -1,0 +1,148 @@
+"""``prism run``: the stages of a config in pipeline order, each starting from the previous one's
+final weights, then ``report.json`` / ``report.md``.
+
+Running the same command again continues where it stopped: finished stages (``result.json``) are
+skipped, an interrupted stage resumes from its newest checkpoint (see ``training.loop``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_prism.config.loader import dump_config
+from megatron_prism.config.schema import PrismConfig
+from megatron_prism.registry import Registry
+from megatron_prism.training.loop import StageContext, StageResult, finished_result, write_result
+from megatron_prism.training.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+StageFn = Callable[[StageContext], StageResult]
+STAGES: Registry[StageFn] = Registry("stage")
+
+
+def _register_stages() -> None:
+    if "sft" in STAGES:
+        return
+    from megatron_prism.stages.evaluate import run_eval_stage
+    from megatron_prism.stages.rlvr import run_rlvr
+    from megatron_prism.stages.sft import run_sft
+
+    STAGES.register("sft")(run_sft)
+    STAGES.register("rlvr")(run_rlvr)
+    STAGES.register("eval")(run_eval_stage)
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def prepare_data(cfg: PrismConfig, run_dir: Path) -> Path:
+    """``data.root``, or the synthetic task generated once into ``<run>/data``."""
+    if cfg.data.root:
+        root = Path(cfg.data.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root={root} is not a directory")
+        return root
+    from megatron_prism.data.synth import SynthSizes, generate_dataset
+
+    root = run_dir / "data"
+    if _rank0() and not (root / "manifest.json").is_file():
+        sizes = dict(item.split("=") for item in cfg.data.synth_sizes.split(","))
+        generate_dataset(root, cfg.data.seed, SynthSizes(**{k: int(v) for k, v in sizes.items()}), overwrite=True)
+    _barrier()
+    return root
+
+
+def prepare_model(cfg: PrismConfig, run_dir: Path, data_root: Path) -> Path:
+    """The weights the first stage starts from: a megatron_prism checkpoint, a HF directory, or a
+    tiny random Qwen3-VL built once for the data's tokenizer."""
+    if cfg.model.megatron_dir:
+        return Path(cfg.model.megatron_dir)
+    if cfg.model.hf_dir:
+        return Path(cfg.model.hf_dir)
+    from megatron_prism.models.qwen3vl.tiny import save_tiny_for_tokenizer
+
+    path = run_dir / "tiny_model"
+    if _rank0() and not (path / "model.safetensors").is_file():
+        save_tiny_for_tokenizer(path, data_root / "tokenizer", seed=cfg.run.seed)
+    _barrier()
+    return path
+
+
+def run(cfg: PrismConfig) -> Path:
+    """Runs the enabled stages; returns the path of report.md."""
+    from megatron_prism.parallel.state import init_parallel
+
+    _register_stages()
+    p = cfg.parallel
+    init_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, seed=cfg.run.seed)
+    from megatron.core import parallel_state as ps
+
+    run_dir = Path(cfg.run.output_dir)
+    if _rank0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    data_root = prepare_data(cfg, run_dir)
+    source = prepare_model(cfg, run_dir, data_root)
+    metrics = MetricsLogger(run_dir, cfg.run.logger if cfg.run.logger != "none" else "jsonl")
+    results: list[StageResult] = []
+    started = time.time()
+    try:
+        for stage in cfg.enabled_stages():
+            if stage.output_dir is None:
+                stage.output_dir = str(run_dir / stage.name)
+            ctx = StageContext(cfg, stage, source, data_root, metrics,
+                               dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
+            result = finished_result(ctx)
+            if result is None:
+                if stage.name not in STAGES:
+                    raise NotImplementedError(
+                        f"stage {stage.name!r} is not implemented yet (the discriminator stages land with "
+                        f"issue 7); disable it with stages.{stage.name}.enabled=false")
+                print(f"[prism] stage {stage.name}: starting from {source}", flush=True)
+                result = STAGES.get(stage.name)(ctx)
+                write_result(ctx, result)
+            else:
+                print(f"[prism] stage {stage.name}: already finished, skipped", flush=True)
+            if result.checkpoint:
+                source = Path(result.checkpoint)
+            results.append(result)
+    finally:
+        metrics.close()
+    report = write_report(run_dir, cfg, results, time.time() - started)
+    return report
+
+
+def write_report(run_dir: Path, cfg: PrismConfig, results: list[StageResult], wall: float) -> Path:
+    """report.json (everything) and report.md (a table a person reads)."""
+    md = run_dir / "report.md"
+    if not _rank0():
+        return md
+    data = {"config": str(run_dir / "config.yaml"), "wall_seconds_this_invocation": wall,
+            "stages": [r.to_json() for r in results]}
+    (run_dir / "report.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    lines = ["# PRISM run report", "", f"Run directory: `{run_dir}`", "",
+             "| stage | steps | wall s | held-out accuracy before | after | format after | skipped records |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        before = r.metrics.get("eval_before", {}).get("eval/accuracy")
+        after = r.metrics.get("eval_after", {}).get("eval/accuracy")
+        fmt = r.metrics.get("eval_after", {}).get("eval/format")
+        skipped = sum(r.metrics.get("skipped_records", {}).values())
+        show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {r.stage} | {r.steps} | {r.wall_seconds:.0f} | {show(before)} | {show(after)} | {show(fmt)} | {skipped} |")
+    md.write_text("\n".join(lines) + "\n")
+    return md

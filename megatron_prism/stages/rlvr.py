@@ -1,0 +1,218 @@
+"""RLVR: GRPO, DAPO or GSPO with verifiable rewards, as config choices of one trainer.
+
+One step: prompts -> engine (``rollout.n`` samples each) -> rewards (registry) -> optional reward
+shaping -> sampling filter with refill (DAPO dynamic sampling) -> advantages (registry) -> old
+log-probs recomputed by the policy (and reference log-probs when a KL term is on) ->
+``ppo_epochs`` x ``mini_batches`` updates with ``policy_loss(variant=algorithm.loss)`` -> weight
+sync to the engine at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_prism.algorithms import GroupRefillBuffer, compute_advantages, policy_loss, shape_rewards
+from megatron_prism.algorithms.aggregation import GlobalCounts
+from megatron_prism.data.processing import IGNORE_INDEX
+from megatron_prism.rollout import SamplingParams
+from megatron_prism.stages.common import (
+    banned_ids, decode_responses, input_processor, make_client, prompt_requests, run_evaluation, score,
+)
+from megatron_prism.training.checkpoint import latest_checkpoint
+from megatron_prism.training.loop import StageContext, StageResult, Throughput, save, start_or_resume
+from megatron_prism.training.metrics import progress
+from megatron_prism.training.runtime import MicroBatch, PolicyRuntime
+
+log = logging.getLogger(__name__)
+
+
+def _dp_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return t.tolist()
+
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+def _collect_rollouts(ctx, state, processor, client, skips, step: int):
+    """Generate until the sampling filter has passed ``global_batch_size / dp`` groups on every
+    data-parallel rank (all ranks take the same number of rounds, so loader positions agree)."""
+    cfg, alg, ro = ctx.cfg, ctx.cfg.algorithm, ctx.cfg.rollout
+    wanted = ctx.stage.global_batch_size // ctx.dp_size
+    buffer = GroupRefillBuffer(alg.sampling_filter, groups_wanted=wanted, max_rounds=10**9)
+    stop = [processor.im_end_id]
+    banned = banned_ids(processor, state.runtime.hf_config)
+    rounds = 0
+    while True:
+        rounds += 1
+        requests, records = prompt_requests(processor, state.loader.next_batch(), skips)
+        sampling = SamplingParams(n=ro.n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                                  max_new_tokens=ro.max_new_tokens, stop_ids=stop, banned_ids=banned,
+                                  seed=_seed(cfg.run.seed, step, rounds, ctx.dp_rank))
+        results = client.generate(requests, sampling)
+        responses = decode_responses(processor, results)
+        expanded = [rec for rec in records for _ in range(ro.n)]
+        scored = score(alg.reward, responses, expanded)
+        rewards = torch.tensor([float(s) for s in scored], dtype=torch.float64)
+        accuracy = [float(getattr(s, "details", {}).get("accuracy", float(s))) for s in scored]
+        lengths = torch.tensor([len(r.response_ids) for r in results])
+        if alg.reward_shaping != "none":
+            rewards = shape_rewards(alg.reward_shaping, rewards, lengths, max_response_length=ro.max_new_tokens,
+                                    overlong_buffer=alg.overlong_buffer, penalty_factor=alg.overlong_penalty_factor)
+        items = [
+            {"request": requests[i // ro.n], "result": results[i], "reward": float(rewards[i]),
+             "accuracy": accuracy[i], "engine_logprobs": results[i].logprobs}
+            for i in range(len(results))
+        ]
+        group_ids = [f"{rounds}:{i // ro.n}" for i in range(len(results))]
+        buffer.add(items, rewards, group_ids)
+        done = _dp_sum([0.0 if buffer.full() else 1.0])[0] == 0
+        if done:
+            break
+        if rounds >= alg.max_sampling_rounds:
+            raise RuntimeError(
+                f"rlvr step {step}: the '{alg.sampling_filter}' filter kept {len(buffer.kept_groups)} of {wanted} "
+                f"groups after {rounds} generation rounds ({buffer.dropped_groups} groups dropped); raise "
+                "algorithm.max_sampling_rounds or use data whose difficulty suits the policy")
+    return buffer.take(), buffer.dropped_groups, rounds
+
+
+def _micro_batches(samples: list[dict], size: int, multiple: int) -> list[MicroBatch]:
+    """Right-padded micro-batches of prompt + response with next-token targets on the response."""
+    out = []
+    for start in range(0, len(samples), size):
+        chunk = samples[start:start + size]
+        seqs = [s["request"].prompt_ids + s["result"].response_ids for s in chunk]
+        length = -(-max(map(len, seqs)) // multiple) * multiple
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length, dtype=torch.long)
+        targets = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
+        adv = torch.zeros(len(chunk), length)
+        pixels, grids = [], []
+        for row, (s, seq) in enumerate(zip(chunk, seqs)):
+            p = len(s["request"].prompt_ids)
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+            response = s["result"].response_ids
+            targets[row, p - 1:p - 1 + len(response)] = torch.tensor(response)
+            adv[row] = s["advantage"]
+            if s["request"].pixel_values is not None:
+                pixels.append(s["request"].pixel_values)
+                grids.append(s["request"].image_grid_thw)
+        tensors = {"input_ids": ids, "attention_mask": mask, "targets": targets, "advantages": adv,
+                   "pixel_values": torch.cat(pixels) if pixels else None,
+                   "image_grid_thw": torch.cat(grids) if grids else None}
+        out.append(MicroBatch(tensors, num_tokens=int((targets != IGNORE_INDEX).sum())))
+    return out
+
+
+def _recompute(runtime: PolicyRuntime, mbs: list[MicroBatch], key: str) -> None:
+    """Fills ``tensors[key]`` with the runtime's log-probs of the targets (last stage only)."""
+    def keep(index, out):
+        mbs[index].tensors[key] = out.logp.detach().float()
+
+    with torch.no_grad():
+        runtime.run(mbs, lambda out, t: (out.logp.sum() * 0, {}), forward_only=True, collect=keep)
+
+
+def run_rlvr(ctx: StageContext) -> StageResult:
+    from megatron_prism.data.loader import load_split
+
+    cfg, alg, ro = ctx.cfg, ctx.cfg.algorithm, ctx.cfg.rollout
+    started = time.time()
+    records, skips = load_split(ctx.split_path("rl"), "rl", strict=not cfg.data.lenient)
+    steps = ctx.stage.steps
+    state = start_or_resume(ctx, records, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=1)
+    runtime = state.runtime
+    processor = input_processor(runtime.source, cfg.data)
+    client = make_client(ctx, runtime)
+    reference = (PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, None, total_steps=1, seed=cfg.run.seed,
+                                     trainable=False) if alg.kl_coef > 0 else None)
+    multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    before = state.extra.get("eval_before")
+    if before is None and ctx.stage.eval_every > 0:
+        before = state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
+    bar = progress(steps, state.step, "rlvr")
+    last: dict[str, float] = {}
+    while state.step < steps:
+        timer = Throughput()
+        runtime.train()
+        client.sync(runtime)
+        timer.lap("sync")
+        groups, dropped, rounds = _collect_rollouts(ctx, state, processor, client, skips, state.step)
+        timer.lap("rollout")
+        samples = [s for g in groups for s in g]
+        rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float64)
+        group_ids = [gi for gi, g in enumerate(groups) for _ in g]
+        advantages = compute_advantages(alg.advantage, rewards, group_ids)
+        for s, a in zip(samples, advantages.tolist()):
+            s["advantage"] = a
+        mbs = _micro_batches(samples, cfg.parallel.micro_batch_size, multiple)
+        _recompute(runtime, mbs, "old_logp")
+        if reference is not None:
+            _recompute(reference, mbs, "ref_logp")
+        timer.lap("logprobs")
+        metrics_sum: dict[str, float] = {}
+        per_mini = -(-len(mbs) // alg.mini_batches)
+        for _ in range(alg.ppo_epochs):
+            for start in range(0, len(mbs), per_mini):
+                mini = mbs[start:start + per_mini]
+                tok, seqs = _dp_sum([sum(m.num_tokens for m in mini),
+                                     sum(int(((m.tensors["targets"] != IGNORE_INDEX).sum(-1) > 0).sum()) for m in mini)])
+                counts = GlobalCounts(tokens=tok, seqs=seqs)
+
+                def loss_fn(out, t, counts=counts):
+                    mask = t["targets"] != IGNORE_INDEX
+                    loss, m = policy_loss(
+                        out.logp, t["old_logp"], t["advantages"], mask, alg.loss, alg.clip_low, alg.clip_high,
+                        alg.dual_clip, alg.loss_agg, counts=counts, norm_len=ro.max_new_tokens,
+                        ref_logp=t.get("ref_logp"), kl_coef=alg.kl_coef, kl_kind=alg.kl_kind,
+                        entropy=out.entropy, entropy_coef=alg.entropy_coef, backend=alg.loss_backend)
+                    ent = float((out.entropy * mask).sum())
+                    return loss, {"loss": float(loss.detach()), "tokens": float(m["tokens"]), "clipped": float(m["clipped"]),
+                                  "clipped_lower": float(m["clipped_lower"]), "approx_kl": float(m["neg_log_ratio"]),
+                                  "kl": float(m["kl"]), "entropy": ent}
+
+                runtime.optimizer.zero_grad()
+                for red in runtime.run(mini, loss_fn, with_entropy=True):
+                    for k, v in red.items():
+                        metrics_sum[k] = metrics_sum.get(k, 0.0) + v
+                result = runtime.optimizer.step()
+        timer.lap("train")
+        state.step += 1
+        tokens = max(metrics_sum.get("tokens", 0.0), 1.0)
+        updates = alg.ppo_epochs * alg.mini_batches
+        last = {
+            "reward/mean": float(rewards.mean()), "reward/accuracy": sum(s["accuracy"] for s in samples) / len(samples),
+            "response/length": sum(len(s["result"].response_ids) for s in samples) / len(samples),
+            "filter/dropped_groups": float(dropped), "filter/rounds": float(rounds),
+            "loss": metrics_sum.get("loss", float("nan")) / updates, "clip_frac": metrics_sum.get("clipped", 0.0) / tokens,
+            "clip_frac_lower": metrics_sum.get("clipped_lower", 0.0) / tokens,
+            "approx_kl": metrics_sum.get("approx_kl", 0.0) / tokens, "kl": metrics_sum.get("kl", 0.0) / tokens,
+            "entropy": metrics_sum.get("entropy", 0.0) / tokens, "grad_norm": result.grad_norm, "lr": result.lr,
+            "sync/seconds": client.last_sync.get("seconds", 0.0), **timer.scalars(int(tokens)),
+        }
+        ctx.metrics.log("rlvr", state.step, last)
+        bar.update(1)
+        bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['reward/accuracy']:.2f}")
+        if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
+            ctx.metrics.log("rlvr", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
+        if state.step % ctx.stage.save_every == 0 or state.step == steps:
+            save(ctx, state)
+    bar.close()
+    final = latest_checkpoint(ctx.checkpoint_root) or save(ctx, state)
+    after = run_evaluation(ctx, runtime, processor, label="after", client=client) if ctx.stage.eval_every > 0 else {}
+    client.shutdown()
+    return StageResult(stage="rlvr", checkpoint=str(final), steps=state.step,
+                       wall_seconds=time.time() - started,
+                       metrics={"final": last, "eval_before": before or {}, "eval_after": after,
+                                "skipped_records": dict(skips.counts)})

@@ -1,0 +1,140 @@
+"""What every stage's training loop shares: where it writes, how it starts or resumes, how it
+checkpoints, and what it reports.
+
+A stage writes under its own directory (``stage.output_dir``): ``checkpoints/step_N`` (see
+``checkpoint.py``), ``metrics.jsonl`` and TensorBoard events, and ``result.json`` when it has
+finished. A stage whose ``result.json`` exists is complete: running the pipeline again skips it
+and hands its final checkpoint to the next stage. A stage with checkpoints but no result resumes
+from the newest one: model, optimizer, scheduler, data position and every RNG come back, so the
+continuation is the same computation as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_prism.config.schema import PrismConfig, StageConfig
+from megatron_prism.data.loader import ShardedLoader
+from megatron_prism.training import checkpoint as ckpt
+from megatron_prism.training.metrics import MetricsLogger
+from megatron_prism.training.runtime import PolicyRuntime
+
+log = logging.getLogger(__name__)
+RESULT = "result.json"
+
+
+@dataclass
+class StageContext:
+    """What the pipeline hands a stage."""
+
+    cfg: PrismConfig
+    stage: StageConfig
+    source: Path  # the weights this stage starts from (HF dir or megatron_prism checkpoint)
+    data_root: Path
+    metrics: MetricsLogger
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.stage.output_dir)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def split_path(self, split: str) -> Path:
+        return Path(self.stage.data_path) if self.stage.data_path else self.data_root / split
+
+
+@dataclass
+class StageResult:
+    stage: str
+    checkpoint: str | None  # the final weights (None for a stage that trains nothing)
+    steps: int
+    wall_seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def finished_result(ctx: StageContext) -> StageResult | None:
+    path = ctx.out_dir / RESULT
+    if not path.is_file():
+        return None
+    return StageResult(**json.loads(path.read_text()))
+
+
+def write_result(ctx: StageContext, result: StageResult) -> None:
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ctx.out_dir / (RESULT + ".tmp")
+    tmp.write_text(json.dumps(result.to_json(), indent=1, sort_keys=True))
+    tmp.replace(ctx.out_dir / RESULT)
+
+
+@dataclass
+class TrainingState:
+    runtime: PolicyRuntime
+    loader: ShardedLoader
+    step: int
+    extra: dict[str, Any]
+
+
+def start_or_resume(ctx: StageContext, items: list, *, total_steps: int, seed_offset: int = 0) -> TrainingState:
+    """Build the policy (from the stage's newest checkpoint if it has one, else from ``source``),
+    its optimizer and the data loader, and restore their state on resume."""
+    cfg = ctx.cfg
+    seed = cfg.run.seed + seed_offset
+    latest = ckpt.latest_checkpoint(ctx.checkpoint_root)
+    loader = ShardedLoader(items, ctx.stage.global_batch_size, seed=cfg.data.seed + seed_offset,
+                           dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+    if latest is None:
+        runtime = PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, cfg.optim, total_steps=total_steps, seed=seed)
+        return TrainingState(runtime, loader, 0, {})
+    loaded = ckpt.load_checkpoint(latest)
+    runtime = PolicyRuntime.build(latest, cfg.model, cfg.parallel, cfg.optim, total_steps=total_steps, seed=seed)
+    runtime.optimizer.load_state_dict(loaded.rank_state["optimizer"])
+    loader.load_state_dict(loaded.trainer_state["loader"])
+    ckpt.set_rng_state(loaded.rank_state["rng"])
+    log.info("%s: resumed from %s (step %d)", ctx.stage.name, latest, loaded.trainer_state["step"])
+    return TrainingState(runtime, loader, int(loaded.trainer_state["step"]), loaded.trainer_state.get("extra", {}))
+
+
+def save(ctx: StageContext, state: TrainingState, *, keep_last: int = 2) -> Path:
+    """Collective checkpoint of everything a resume needs."""
+    trainer_state = {"stage": ctx.stage.name, "step": state.step, "loader": state.loader.state_dict(),
+                     "extra": state.extra}
+    return ckpt.save_checkpoint(
+        ctx.checkpoint_root, state.step, chunks=state.runtime.chunks, hf_config=state.runtime.hf_config,
+        hf_files_dir=state.runtime.source, optimizer_state=state.runtime.optimizer.state_dict(),
+        trainer_state=trainer_state, keep_last=keep_last,
+    )
+
+
+class Throughput:
+    """Tokens per second of the last step, split into generation and training time."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.marks[name] = self.marks.get(name, 0.0) + now - self._t
+        self._t = now
+
+    def scalars(self, tokens: int) -> dict[str, float]:
+        total = sum(self.marks.values()) or 1e-9
+        out = {f"time/{k}_s": v for k, v in self.marks.items()}
+        out["throughput/tokens_per_s"] = tokens / total
+        return out

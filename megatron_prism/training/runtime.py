@@ -1,0 +1,121 @@
+"""The policy as a stage trains it: megatron chunks in DDP, the optimizer, and one
+forward(-backward) over a list of micro-batches through megatron's own pipeline schedules.
+
+Losses are computed on the last pipeline stage from the fused log-prob head's output
+(:class:`TokenLogProbs`), never from logits. A loss function returns this micro-batch's share of
+the global-batch loss (already normalised by global counts, see ``algorithms.aggregation``), so
+megatron sums shares over micro-batches and data-parallel ranks (``calculate_per_token_loss``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_prism.config.schema import ModelConfig, OptimizerConfig, ParallelConfig
+from megatron_prism.models import build_policy
+from megatron_prism.models.common.token_logprobs import TokenLogProbs
+from megatron_prism.models.qwen3vl.config import read_hf_config
+from megatron_prism.models.qwen3vl.model import HeadRequest
+from megatron_prism.parallel import cpu_compat
+from megatron_prism.training.optimizer import PolicyOptimizer
+
+MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "attention_mask", "position_ids")
+LossFn = Callable[[TokenLogProbs, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MicroBatch:
+    """Model inputs (``MODEL_INPUTS``), next-token ``targets`` [b, s], and whatever the loss needs."""
+
+    tensors: dict[str, Any]
+    num_tokens: int = 0  # loss tokens, for throughput figures
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {k: self.tensors.get(k) for k in MODEL_INPUTS if k != "input_ids"}
+
+
+@dataclass
+class PolicyRuntime:
+    chunks: list
+    hf_config: Any
+    source: Path
+    optimizer: PolicyOptimizer | None = None
+    head_backend: str = "auto"
+
+    @classmethod
+    def build(cls, source: str | Path, model: ModelConfig, parallel: ParallelConfig,
+              optim: OptimizerConfig | None, *, total_steps: int, seed: int, trainable: bool = True,
+              head_backend: str = "auto") -> PolicyRuntime:
+        """Policy chunks from a HF or megatron_prism directory, wrapped in megatron DDP with an
+        optimizer when ``trainable`` (a frozen reference model gets neither)."""
+        dtype = _DTYPES[model.dtype]
+        built = build_policy(source, tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp,
+                             sequence_parallel=parallel.sequence_parallel, dtype=dtype,
+                             recompute=model.recompute, seed=seed)
+        chunks = built if isinstance(built, list) else [built]
+        source = Path(source)
+        hf_dir = source / "hf" if (source / "hf").is_dir() else source
+        hf_config = read_hf_config(hf_dir)
+        if not trainable:
+            for c in chunks:
+                c.eval().requires_grad_(False)
+            return cls(chunks, hf_config, hf_dir, None, head_backend)
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                use_distributed_optimizer=not cpu_compat.on_cpu())
+        chunks = [DistributedDataParallel(c.config, ddp_cfg, c) for c in chunks]
+        opt = PolicyOptimizer(chunks, optim, total_steps=total_steps, bf16=dtype == torch.bfloat16)
+        return cls(chunks, hf_config, hf_dir, opt, head_backend)
+
+    @property
+    def config(self):
+        return getattr(self.chunks[0], "module", self.chunks[0]).config
+
+    def train(self, mode: bool = True) -> None:
+        for c in self.chunks:
+            c.train(mode)
+
+    def run(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn, *, forward_only: bool = False,
+            with_entropy: bool = False, collect: Callable[[int, TokenLogProbs], None] | None = None) -> list[dict]:
+        """Forward (and backward unless ``forward_only``) of every micro-batch; returns the metrics
+        dicts of the loss function on the last pipeline stage (an empty list elsewhere).
+        ``collect(index, output)`` sees each micro-batch's head output on the last stage."""
+        if not micro_batches:
+            return []
+        vpp = len(self.chunks) > 1
+        iterators = [iter(range(len(micro_batches))) for _ in self.chunks] if vpp else iter(range(len(micro_batches)))
+
+        def forward_step(data_iterator, model):
+            index = next(data_iterator)
+            mb = micro_batches[index]
+            head = HeadRequest(mb.tensors["targets"], with_entropy=with_entropy, backend=self.head_backend)
+            out = model(mb.tensors["input_ids"], head=head, **mb.model_kwargs())
+
+            def loss_func(output: TokenLogProbs):
+                if collect is not None:
+                    collect(index, output)
+                loss, metrics = loss_fn(output, mb.tensors)
+                return loss, torch.tensor(max(mb.num_tokens, 1), dtype=torch.int64), metrics
+
+            return out, loss_func
+
+        lengths = [mb.tensors["input_ids"].shape[1] for mb in micro_batches]
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators,
+            model=self.chunks if vpp else self.chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=max(lengths),
+            micro_batch_size=micro_batches[0].tensors["input_ids"].shape[0],
+            forward_only=forward_only,
+        )
+        return list(out) if ps.is_pipeline_last_stage(ignore_virtual=True) else []
