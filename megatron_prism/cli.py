@@ -1,6 +1,7 @@
 """The ``prism`` command.
 
     prism run CONFIG [key=value ...]          run the PRISM pipeline described by CONFIG
+    prism eval CONFIG --checkpoint C [--split D] [--benchmark NAME=PATH ...] [--k K --temperature T]
     prism convert hf-to-megatron --hf-dir D --out O [--tp N] [--pp N]
     prism convert megatron-to-hf --megatron-dir D --out O
 
@@ -56,6 +57,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_pipeline(cfg)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        benchmarks = dict(item.split("=", 1) for item in args.benchmark)
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
+    except ValueError:
+        _err("--benchmark takes NAME=PATH, e.g. --benchmark mathvista=/data/MathVista")
+        return 2
+    if not benchmarks and args.split is None:
+        _err("nothing to evaluate: give --split DIR (held-out records) and/or --benchmark NAME=PATH")
+        return 2
+    from megatron_prism.models.errors import CheckpointError
+    from megatron_prism.stages.benchmark import evaluate_checkpoint
+
+    out = Path(args.out or Path(cfg.run.output_dir) / "eval_report.json")
+    try:
+        report = evaluate_checkpoint(cfg, args.checkpoint, benchmarks=benchmarks, split=args.split, k=args.k,
+                                     temperature=args.temperature, out=out)
+    except (CheckpointError, FileNotFoundError, KeyError) as exc:
+        _err(str(exc))
+        return 2
+    print(report.table())
+    print(f"[prism] evaluation report: {out}")
+    return 0
+
+
 def _convert(action, describe: str) -> int:
     """Run one conversion; a bad or missing checkpoint is a one-line error, not a traceback."""
     from megatron_prism.models.errors import CheckpointError
@@ -107,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", metavar="CONFIG", help="YAML config file, e.g. examples/configs/tiny.yaml")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-6")
     run.set_defaults(handler=_cmd_run)
+
+    ev = sub.add_parser("eval", help="k-sample evaluation of a checkpoint on held-out records and/or benchmarks")
+    ev.add_argument("config", metavar="CONFIG", help="the run's YAML config (model layout, rollout, reward)")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    ev.add_argument("--checkpoint", required=True, help="HF directory or megatron_prism checkpoint to evaluate")
+    ev.add_argument("--split", default=None, help="a directory or file of held-out records (e.g. <data>/eval)")
+    ev.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
+                    help="a benchmark by loader name (mathvista, mathverse, mathvision, wemath, mmmu, mmmu_pro, "
+                         "hallusion_bench) and its local files; repeatable")
+    ev.add_argument("--k", type=_positive_int, default=1, help="samples per item (pass@k up to k)")
+    ev.add_argument("--temperature", type=float, default=0.0)
+    ev.add_argument("--out", default=None, help="report JSON (default <run.output_dir>/eval_report.json)")
+    ev.set_defaults(handler=_cmd_eval)
 
     convert = sub.add_parser("convert", help="convert checkpoints between HF and megatron layouts")
     csub = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")

@@ -148,6 +148,7 @@ class StageConfig:
     eval_every: int
     output_dir: str | None = None  # None: <run.output_dir>/<stage name>
     data_path: str | None = None
+    lr: float | None = None  # None: optim.lr (RL stages usually want a smaller one than SFT)
 
 
 @dataclass

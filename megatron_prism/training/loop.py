@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +95,15 @@ def start_or_resume(ctx: StageContext, items: list, *, total_steps: int, seed_of
     its optimizer and the data loader, and restore their state on resume."""
     cfg = ctx.cfg
     seed = cfg.run.seed + seed_offset
+    optim = cfg.optim if ctx.stage.lr is None else replace(cfg.optim, lr=ctx.stage.lr)
     latest = ckpt.latest_checkpoint(ctx.checkpoint_root)
     loader = ShardedLoader(items, ctx.stage.global_batch_size, seed=cfg.data.seed + seed_offset,
                            dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
     if latest is None:
-        runtime = PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, cfg.optim, total_steps=total_steps, seed=seed)
+        runtime = PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, optim, total_steps=total_steps, seed=seed)
         return TrainingState(runtime, loader, 0, {})
     loaded = ckpt.load_checkpoint(latest)
-    runtime = PolicyRuntime.build(latest, cfg.model, cfg.parallel, cfg.optim, total_steps=total_steps, seed=seed)
+    runtime = PolicyRuntime.build(latest, cfg.model, cfg.parallel, optim, total_steps=total_steps, seed=seed)
     runtime.optimizer.load_state_dict(loaded.rank_state["optimizer"])
     loader.load_state_dict(loaded.trainer_state["loader"])
     ckpt.set_rng_state(loaded.rank_state["rng"])

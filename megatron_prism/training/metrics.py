@@ -65,4 +65,9 @@ class MetricsLogger:
 
 def progress(total: int, initial: int, desc: str):
     """A tqdm bar with ETA on rank 0 (disabled elsewhere)."""
-    return tqdm(total=total, initial=initial, desc=desc, disable=not _is_rank0(), dynamic_ncols=True)
+    import sys
+
+    # In a log file (no terminal) a bar redraws as lines: update at most every 10 s there.
+    interval = 0.1 if sys.stderr.isatty() else 10.0
+    return tqdm(total=total, initial=initial, desc=desc, disable=not _is_rank0(), dynamic_ncols=True,
+                mininterval=interval)

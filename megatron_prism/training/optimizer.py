@@ -97,9 +97,10 @@ class PolicyOptimizer:
         )
         self.optimizer = get_megatron_optimizer(mcfg, chunks)
         steps = max(total_steps, 1)
+        warmup = min(cfg.warmup_steps, steps - 1)  # megatron requires warm-up < decay steps
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if cfg.warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
-            lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=steps, lr_decay_style=cfg.schedule,
+            self.optimizer, init_lr=0.0 if warmup else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=warmup, lr_decay_steps=steps, lr_decay_style=cfg.schedule,
             start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=steps, wd_incr_style="constant",
         )
         self.max_consecutive_skips = max_consecutive_skips
