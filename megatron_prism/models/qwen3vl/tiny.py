@@ -74,12 +74,12 @@ def save_random_qwen3vl(out_dir: str | Path, variant: str = "a", seed: int = 0,
 #: The embedded pipeline's model: the shape of variant "a" with a vision tower whose 16-pixel
 #: patches suit the synthetic task's 64x64 images (4x4 patches, 4 LM tokens after the 2x2 merge).
 PIPELINE_SHAPE = dict(
-    text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=32,
+    text=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16,
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                               "mrope_section": [8, 4, 4], "mrope_interleaved": True}),
-    vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
-                temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=128,
+                               "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+    vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
                 num_position_embeddings=16, deepstack_visual_indexes=[0]),
 )
 

@@ -134,14 +134,7 @@ class EmbeddedEngine(RolloutEngine):
     # --- interface: generate -------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationResult]:
         """``sampling.n`` results per request, grouped by request in request order."""
-        if self.weights.released:
-            raise RuntimeError("generate called while the weights are released; call "
-                               "resume_memory(['weights']) and update_weights(...) first")
-        if self.weights.missing:
-            raise RuntimeError(f"generate called with {len(self.weights.missing)} weights not loaded since "
-                               f"the last release (e.g. {sorted(self.weights.missing)[:3]}); call update_weights")
-        if self._kv_released:
-            raise RuntimeError("generate called while the KV cache is released; call resume_memory(['kv_cache'])")
+        self._check_ready("generate")
         requests = list(requests)
         keys = request_keys([r.request_id for r in requests])
         per_chunk = max(1, self.max_batch_rows // sampling.n)
@@ -152,7 +145,30 @@ class EmbeddedEngine(RolloutEngine):
                 results += self._generate_chunk(chunk, keys[start:start + per_chunk], sampling)
         return results
 
+    def prompt_logits(self, requests: Sequence[GenerationRequest]) -> Tensor:
+        """Float32 logits ``[len(requests), vocab]`` of the token after each prompt: the raw
+        next-token logits ``generate`` draws a first response token from (before temperature,
+        top-k/p or banned ids), computed by the same prefill, at most ``max_batch_rows`` prompts
+        per batch. For checks (e.g. that synced weights give the logits of a reference)."""
+        self._check_ready("prompt_logits")
+        requests = list(requests)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(requests), self.max_batch_rows):
+                out.append(self._prefill(requests[start:start + self.max_batch_rows], 1, 0)[0])
+        return torch.cat(out) if out else torch.empty(0, self.vocab)
+
     # --- internals -----------------------------------------------------------------------------
+    def _check_ready(self, caller: str) -> None:
+        if self.weights.released:
+            raise RuntimeError(f"{caller} called while the weights are released; call "
+                               "resume_memory(['weights']) and update_weights(...) first")
+        if self.weights.missing:
+            raise RuntimeError(f"{caller} called with {len(self.weights.missing)} weights not loaded since "
+                               f"the last release (e.g. {sorted(self.weights.missing)[:3]}); call update_weights")
+        if self._kv_released:
+            raise RuntimeError(f"{caller} called while the KV cache is released; call resume_memory(['kv_cache'])")
+
     def _cache_for(self, rows: int, length: int) -> Tensor:
         """A ``[layers, 2, rows, kv_heads, length, head_dim]`` view of the (grown on demand) buffer."""
         d = self.decoder
@@ -179,9 +195,11 @@ class EmbeddedEngine(RolloutEngine):
         out = self.weights.visual(pixel, grid_thw=grid, return_dict=True)
         return grid, out.pooler_output, list(out.deepstack_features)
 
-    def _generate_chunk(self, requests: Sequence[GenerationRequest], keys: list[int],
-                        sp: SamplingParams) -> list[GenerationResult]:
-        dev, dec, n, max_new = self.device, self.decoder, sp.n, sp.max_new_tokens
+    def _prefill(self, requests: Sequence[GenerationRequest], n: int, extra_slots: int):
+        """Left-pad the prompts and prefill each once, its keys/values written to ``n`` rows of a
+        cache of ``P + extra_slots`` slots (``P`` the padded prompt length). Returns the prompts'
+        last-position logits ``[B, vocab]``, their lengths, MRoPE deltas, ``P``, pad mask, cache."""
+        dev, dec = self.device, self.decoder
         b = len(requests)
         lens = [len(r.prompt_ids) for r in requests]
         if min(lens) == 0:
@@ -208,9 +226,16 @@ class EmbeddedEngine(RolloutEngine):
                                  f"{image_embeds.shape[0]} features")
             x = x.index_put(visual_index, image_embeds.to(x.dtype))
 
-        rows = b * n
-        cache = self._cache_for(rows, p + max_new - 1)
+        cache = self._cache_for(b * n, p + extra_slots)
         logits = dec.prefill(x, positions, pad_mask, cache, n, visual_index, deepstack or None)
+        return logits, lens, deltas, p, pad_mask, cache
+
+    def _generate_chunk(self, requests: Sequence[GenerationRequest], keys: list[int],
+                        sp: SamplingParams) -> list[GenerationResult]:
+        dev, dec, n, max_new = self.device, self.decoder, sp.n, sp.max_new_tokens
+        b = len(requests)
+        logits, lens, deltas, p, pad_mask, cache = self._prefill(requests, n, max_new - 1)
+        rows = b * n
         if n > 1:
             logits = logits.repeat_interleave(n, dim=0)
 
