@@ -10,7 +10,9 @@ from megatron_prism.config.loader import apply_override, dump_config, load_confi
 from megatron_prism.config.schema import (
     STAGE_ORDER,
     AlgorithmConfig,
+    AlignConfig,
     DataConfig,
+    DiscriminatorConfig,
     ModelConfig,
     OptimizerConfig,
     ParallelConfig,
@@ -23,8 +25,10 @@ from megatron_prism.config.schema import (
 __all__ = [
     "STAGE_ORDER",
     "AlgorithmConfig",
+    "AlignConfig",
     "ConfigError",
     "DataConfig",
+    "DiscriminatorConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ParallelConfig",

@@ -18,6 +18,9 @@ Logger = Literal["tensorboard", "wandb", "none"]
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LossBackend = Literal["auto", "torch", "triton"]
 StageName = Literal["sft", "warmup", "align", "rlvr", "eval"]
+DiscriminatorMode = Literal["routed", "dedicated", "dense", "text-only"]
+LrSchedule = Literal["constant", "cosine"]
+PartReduction = Literal["sum", "mean"]
 
 #: The order the pipeline runs its stages in. It is fixed by the method (SFT first, RLVR after the
 #: discriminator stages, evaluation last), not by the order keys happen to appear in a YAML file.
@@ -136,6 +139,64 @@ class AlgorithmConfig:
     mini_batches: int = 1
 
 
+@dataclass
+class DiscriminatorConfig:
+    """The perception-reasoning discriminator and its optimisation (WARMUP and ALIGN stages).
+
+    Defaults are PRISM's released recipe (github.com/XIAO4579/PRISM); each field names the file it
+    comes from. ``hf_dir``/``megatron_dir`` null: a tiny backbone built like the policy's tiny model
+    (PRISM upcycles a separate Qwen3-VL-2B-Instruct). ``mode``: ``routed`` (PRISM: caption and
+    think+answer both go through the routed MoE, one score each), ``dedicated`` (a perception expert
+    group scores the caption, a reasoning group think+answer), ablations ``dense`` (no MoE) and
+    ``text-only`` (no image input).
+
+    ``router_noise`` is 0 because PRISM's router has none: the "noise 0.01" of its upcycling script
+    (``moe/create_vl_moe.py`` ``noise_std``) is Gaussian noise added once to every expert's copy of the
+    dense MLP weights, which breaks the symmetry between experts; it is ``upcycle_noise_std`` here.
+    """
+
+    hf_dir: str | None = None
+    megatron_dir: str | None = None
+    mode: DiscriminatorMode = "routed"
+    num_experts: int = 4  # scripts/train/moe_warmup/create_moe.sh NUM_EXPERTS
+    topk: int = 2  # create_moe.sh NUM_EXPERTS_PER_TOK
+    norm_topk_prob: bool = True  # moe/create_vl_moe.py norm_topk_prob
+    upcycle_noise_std: float = 0.01  # create_moe.sh NOISE_STD: added to each expert copy at upcycling
+    router_noise: float = 0.0  # PRISM's router (HF Qwen3-VL-MoE) adds no noise to its logits
+    router_init_std: float = 0.02  # create_vl_moe.py: router weights ~ N(0, 0.02)
+    aux_loss_coef: float = 0.01  # create_vl_moe.py router_aux_loss_coef (load-balancing loss)
+    head_dropout: float = 0.1  # moe/value_head.py v_head = Dropout(0.1) + Linear(hidden, 1, bias=False)
+    head_init_std: float = 0.02  # value_head.py _init_v_head: N(0, 0.02)
+    warmup_lr: float = 1e-5  # scripts/train/moe_warmup/train_moe_warmup.sh LEARNING_RATE
+    warmup_lr_schedule: LrSchedule = "cosine"  # moe/train_moe_vl_warmup_fast.py cosine with warm-up
+    warmup_lr_warmup_ratio: float = 0.1  # train_moe_warmup.sh WARMUP_RATIO
+    warmup_score_l2: float = 0.0  # train_moe_vl_warmup_fast.py: pairwise loss + aux loss, no score L2
+    warmup_part_reduction: PartReduction = "mean"  # warm-up batches mix caption and cot pairs: mean over all
+    align_lr: float = 1e-6  # scripts/train/experiment/qwen3_vl_prism.sh critic.optim.lr
+    score_l2: float = 0.001  # qwen3_vl_prism.sh critic.score_reg_coef (ALIGN)
+    align_part_reduction: PartReduction = "sum"  # verl/workers/critic/dp_critic.py: cap_loss + cot_loss
+    weight_decay: float = 0.01  # warm-up AdamW weight_decay; verl critic.optim.weight_decay
+    clip_grad: float = 1.0  # warm-up clip_grad_norm_ max_norm; verl critic grad_clip
+
+
+@dataclass
+class AlignConfig:
+    """The ALIGN game: how discriminator part scores become the policy's advantage, and the
+    discriminator's step schedule. Defaults from PRISM's ``scripts/train/experiment/qwen3_vl_prism.sh``
+    and the ``grpo_multi_reward`` estimator of its ``verl/verl/trainer/ppo/core_algos.py``.
+    """
+
+    caption_weight: float = 0.5  # qwen3_vl_prism.sh +algorithm.caption_weight
+    reasoning_weight: float = 0.5  # qwen3_vl_prism.sh +algorithm.cot_weight
+    invalid_penalty: float = 1.5  # qwen3_vl_prism.sh +algorithm.format_penalty
+    invalid_offset: float = 1.0  # core_algos.py: an invalid response scores (group min of valid) - 1
+    score_clip: float = 10.0  # qwen3_vl_prism.sh +critic.score_clip (scores clamped to [-10, 10])
+    eps: float = 1e-6  # core_algos.py epsilon of the group normalisation
+    samples_per_prompt: int = 16  # qwen3_vl_prism.sh actor_rollout_ref.rollout.n
+    disc_steps_per_policy_step: int = 1  # critic mini-batch = whole step batch, ppo_epochs 1 (verl defaults)
+    no_valid_fallback_coef: float = 0.01  # dp_critic.py: loss when no policy response is valid
+
+
 @dataclass(kw_only=True)
 class StageConfig:
     """One pipeline stage. ``name`` is filled from the key the stage is written under."""
@@ -177,6 +238,8 @@ class PrismConfig:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     stages: dict[StageName, StageConfig] = field(default_factory=dict)
     run: RunConfig = field(default_factory=RunConfig)
 
