@@ -4,6 +4,7 @@
     prism eval CONFIG --checkpoint C [--split D] [--benchmark NAME=PATH ...] [--k K --temperature T]
     prism convert hf-to-megatron --hf-dir D --out O [--tp N] [--pp N]
     prism convert megatron-to-hf --megatron-dir D --out O
+    prism plan CONFIG --nodes N --gpus-per-node G [--gpu-mem GIB] [--auto]  layout + memory planner
 
 Errors the user can fix (a bad config key, a bad checkpoint) are printed as one line on stderr
 with exit status 2 (usage/config) or 1 (checkpoint), never as a traceback. Heavy modules (torch,
@@ -116,6 +117,24 @@ def _cmd_megatron_to_hf(args: argparse.Namespace) -> int:
     return _convert(lambda: convert_megatron_to_hf(args.megatron_dir, args.out), "HF checkpoint")
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Layout + memory planner (torch-free unless the config uses the built-in tiny model)."""
+    from megatron_prism.plan import Assumptions
+    from megatron_prism.plan_report import PlanError, run_plan
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        status, text = run_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem, preset=args.preset, auto=args.auto,
+                                asm=Assumptions(peak_tflops=args.peak_tflops, mfu=args.mfu,
+                                                decode_tokens_per_s_per_gpu=args.decode_tokens_per_s),
+                                json_out=args.json)
+    except (ConfigError, PlanError) as exc:
+        _err(str(exc))
+        return 2
+    print(text)
+    return status
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -162,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--megatron-dir", required=True, help="checkpoint written by hf-to-megatron or training")
     m2h.add_argument("--out", required=True, help="output HF directory")
     m2h.set_defaults(handler=_cmd_megatron_to_hf)
+    plan = sub.add_parser("plan", help="check (or choose) the parallel layout and estimate memory per GPU")
+    plan.add_argument("config", metavar="CONFIG", help="the run's YAML config")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    plan.add_argument("--nodes", type=_positive_int, required=True)
+    plan.add_argument("--gpus-per-node", type=_positive_int, required=True)
+    plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU in GiB (default 80)")
+    plan.add_argument("--auto", action="store_true", help="choose the layout instead of checking the config's")
+    plan.add_argument("--preset", default=None, help="model shape when model.hf_dir has no config.json yet "
+                                                     "(qwen3vl-8b, qwen3vl-4b, qwen3vl-2b)")
+    plan.add_argument("--peak-tflops", type=float, default=989.0, help="throughput assumption: bf16 peak per GPU")
+    plan.add_argument("--mfu", type=float, default=0.35, help="throughput assumption: model FLOPs utilisation")
+    plan.add_argument("--decode-tokens-per-s", type=float, default=1500.0, help="throughput assumption per GPU")
+    plan.add_argument("--json", default=None, metavar="FILE", help="also write the estimate as JSON")
+    plan.set_defaults(handler=_cmd_plan)
     return parser
 
 

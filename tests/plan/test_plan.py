@@ -1,0 +1,120 @@
+"""``prism plan``: estimates against figures computed by hand, parameter counts against built models,
+and the command's verdicts (fits / does not fit, with the reason)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_prism.config import load_config
+from megatron_prism.plan import GiB, Layout, Workload, estimate, stage_params
+from megatron_prism.plan_shapes import PRESETS, shape_from_hf_config
+
+ROOT = Path(__file__).resolve().parents[2]
+Q8 = PRESETS["qwen3vl-8b"]
+
+
+def test_8b_weights_and_adam_by_hand():
+    n = Q8.total_params()
+    assert 8.76e9 < n < 8.78e9  # Qwen3-VL-8B-Instruct: 8.77 B parameters
+    est = estimate(Q8, Layout(tp=1, pp=1, dp=1), Workload(colocated=False), 1000.0)
+    assert est.gib["weights"] * GiB == n * 2  # bf16: 2 bytes/param, ~16 GB for 8B
+    assert 16e9 < est.gib["weights"] * GiB < 18e9
+    assert est.gib["gradients"] * GiB == n * 4  # fp32 main grads
+    assert est.gib["optimizer"] * GiB == n * 12  # Adam: fp32 master + m + v, before sharding
+    sharded = estimate(Q8, Layout(tp=1, pp=1, dp=8), Workload(colocated=False), 1000.0)
+    assert sharded.gib["optimizer"] * GiB == pytest.approx(n * 12 / 8)  # distributed optimizer over DP
+
+
+def test_tp_pp_split_the_decoder_by_hand():
+    t = Q8.text
+    per_layer_tp2 = (4096 * (32 + 16) * 128 + 32 * 128 * 4096 + 3 * 4096 * 12288) // 2 + 2 * 4096 + 2 * 128
+    first_stage_pp2 = 18 * per_layer_tp2 + 151936 * 4096 // 2 + Q8.vision_params()
+    assert stage_params(Q8, Layout(tp=2, pp=2, dp=2)) == first_stage_pp2
+    assert t.layers == 36 and Q8.layer_matrix_params() == 4096 * 48 * 128 + 32 * 128 * 4096 + 3 * 4096 * 12288
+
+
+def test_full_recompute_keeps_one_input_per_layer():
+    w = Workload(colocated=False, max_seq_len=4096)
+    none = estimate(Q8, Layout(1, 1, 8, micro_batch_size=1), w, 1000.0)
+    full = estimate(Q8, Layout(1, 1, 8, micro_batch_size=1, recompute="full"), w, 1000.0)
+    assert full.gib["activations"] == full.activations_full_gib < none.gib["activations"] == none.activations_none_gib
+    t = Q8.text
+    per_tok = 8 * t.hidden + 4 * (t.heads + 2 * t.kv_heads) * t.head_dim + 2 * t.heads * t.head_dim + 6 * t.ffn
+    assert none.activations_none_gib - full.activations_full_gib == pytest.approx(
+        4096 * (per_tok * 36 - (2 * t.hidden * 36 + per_tok)) / GiB)  # the vision tower's term is the same in both
+
+
+@pytest.mark.parametrize("name", ["qwen3vl-8b", "qwen3vl-4b", "qwen3vl-2b"])
+def test_preset_counts_equal_transformers(name):
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    s = PRESETS[name]
+    t, v = s.text, s.vision
+    cfg = Qwen3VLConfig(
+        text_config=dict(hidden_size=t.hidden, intermediate_size=t.ffn, num_hidden_layers=t.layers,
+                         num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, head_dim=t.head_dim,
+                         vocab_size=t.vocab),
+        vision_config=dict(depth=v.depth, hidden_size=v.hidden, intermediate_size=v.ffn, num_heads=v.heads,
+                           out_hidden_size=v.out_hidden, deepstack_visual_indexes=list(range(v.deepstack))),
+        tie_word_embeddings=t.tied)
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(cfg)
+    assert sum(p.numel() for p in model.parameters()) == s.total_params()
+
+
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_counts_equal_a_built_megatron_model(tmp_path, variant):
+    """The planner's count from config.json == the parameters of build_policy's megatron-core model."""
+    import json
+
+    from megatron_prism.models import build_policy
+    from megatron_prism.models.qwen3vl.tiny import save_random_qwen3vl
+
+    hf = save_random_qwen3vl(tmp_path / variant, variant)
+    shape = shape_from_hf_config(json.loads((hf / "config.json").read_text()), "tiny")
+    model = build_policy(hf)
+    built = sum(p.numel() for p in model.parameters())
+    assert built == shape.total_params()
+    lm = sum(p.numel() for n, p in model.named_parameters() if n.startswith("language_model.decoder.layers.0."))
+    assert lm == shape.layer_params()
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatron_prism.cli", "plan", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_8b_on_8_small_gpus_is_refused_with_the_reason():
+    proc = _plan("examples/configs/prism_8b.yaml", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem", "8")
+    assert proc.returncode == 1, proc.stderr
+    assert "DOES NOT FIT" in proc.stdout and "training does not fit" in proc.stdout
+    assert "what would fit: even sharded over all 8 GPUs" in proc.stdout
+
+
+@pytest.mark.parametrize("size", ["8b", "4b"])
+def test_shipped_configs_fit_one_h100_node_and_match_the_planner(size):
+    proc = _plan(f"examples/configs/prism_{size}.yaml", "--nodes", "1", "--gpus-per-node", "8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verdict: fits" in proc.stdout and f"qwen3vl-{size}" in proc.stdout
+    auto = _plan(f"examples/configs/prism_{size}.yaml", "--nodes", "1", "--gpus-per-node", "8", "--auto")
+    overrides = auto.stdout.split("overrides: ")[1].split("   (")[0].split()
+    cfg = load_config(ROOT / f"examples/configs/prism_{size}.yaml", [])
+    chosen = load_config(ROOT / f"examples/configs/prism_{size}.yaml", overrides)
+    assert chosen.parallel == cfg.parallel and chosen.model.recompute == cfg.model.recompute
+    assert chosen.rollout.gpu_memory_fraction == cfg.rollout.gpu_memory_fraction
+
+
+def test_a_layout_that_does_not_divide_is_an_input_error():
+    proc = _plan("examples/configs/prism_8b.yaml", "parallel.tp=3", "--nodes", "1", "--gpus-per-node", "8")
+    assert proc.returncode == 2 and "parallel.tp=3" in proc.stderr
+
+
+def test_missing_config_json_without_a_matching_name_names_the_fix(tmp_path):
+    proc = _plan("examples/configs/prism_8b.yaml", f"model.hf_dir={tmp_path}/mystery", "--nodes", "1",
+                 "--gpus-per-node", "8")
+    assert proc.returncode == 2 and "--preset" in proc.stderr and "model.hf_dir" in proc.stderr
