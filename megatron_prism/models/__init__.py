@@ -1,4 +1,5 @@
-"""Models on megatron-core. ``build_policy`` builds the Qwen3-VL policy from a HF directory."""
+"""Models on megatron-core. ``build_policy`` builds the Qwen3-VL policy from a HF directory;
+``build_discriminator`` the PRISM discriminator from a discriminator checkpoint."""
 
 from __future__ import annotations
 
@@ -10,4 +11,11 @@ def build_policy(*args, **kwargs):
     return _build(*args, **kwargs)
 
 
-__all__ = ["build_policy"]
+def build_discriminator(*args, **kwargs):
+    """See :func:`megatron_prism.models.discriminator.build.build_discriminator`."""
+    from megatron_prism.models.discriminator.build import build_discriminator as _build
+
+    return _build(*args, **kwargs)
+
+
+__all__ = ["build_discriminator", "build_policy"]

@@ -20,6 +20,7 @@ import types
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,18 @@ class _NullStreamClass(_NullStream):
         pass
 
 
+def _all_to_all_with_list_splits(fn):
+    def wrapped(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if output_split_sizes is not None and hasattr(output_split_sizes, "tolist"):
+            output_split_sizes = output_split_sizes.tolist()
+        if input_split_sizes is not None and hasattr(input_split_sizes, "tolist"):
+            input_split_sizes = input_split_sizes.tolist()
+        return fn(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    wrapped._prism_lists = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 def install() -> bool:
     """Install the shim once, when there is no GPU. Returns True when it is (now) installed."""
     global _INSTALLED
@@ -148,6 +161,16 @@ def install() -> bool:
 
     mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+
+    # MoE (the discriminator). megatron-core 0.16 leaves this name undefined without Transformer
+    # Engine, and the router looks it up (NameError) even when it will not use it.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    # The alltoall dispatcher (EP > 1) passes numpy split sizes, which torch 2.13's gloo refuses.
+    if not getattr(dist.all_to_all_single, "_prism_lists", False):
+        dist.all_to_all_single = _all_to_all_with_list_splits(dist.all_to_all_single)
 
     proxy = _torch_proxy()
     for name in _MODULES_WITH_CUDA_TENSORS:

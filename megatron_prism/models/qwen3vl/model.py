@@ -49,7 +49,7 @@ class Qwen3VLLanguageModel(GPTModel):
         self._emit_hidden = False
         self._head: HeadRequest | None = None
 
-    def forward(self, *args, return_hidden: bool = False, head: HeadRequest | None = None, **kwargs):
+    def forward(self, *args, return_hidden: bool | str = False, head: HeadRequest | None = None, **kwargs):
         self._emit_hidden = return_hidden
         self._head = head
         try:
@@ -68,6 +68,10 @@ class Qwen3VLLanguageModel(GPTModel):
                 hidden_states, weight, self._head.targets, sequence_parallel=self.config.sequence_parallel,
                 with_entropy=self._head.with_entropy, backend=self._head.backend,
             )
+        if self._emit_hidden == "local" and self.post_process:
+            # [s, b, h] as this rank holds it (its sequence slice under SP): for callers that
+            # gather only what they need, with the gradient semantics they need.
+            return hidden_states
         if self._emit_hidden and self.post_process:
             if self.config.sequence_parallel:
                 hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
@@ -114,7 +118,12 @@ class Qwen3VLPolicy(MegatronModule):
         vp_stage: int | None = None,
         backend: str = "local",
         parallel_output: bool = True,
+        layer_spec=None,
+        lm_head: bool = True,
     ) -> None:
+        """``layer_spec`` replaces the decoder-layer spec (the discriminator's MoE layers);
+        ``lm_head=False`` builds no output layer (a model that reads hidden states only), and so
+        unties the embedding, which then lives on the first stage alone."""
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         tc = hf_config.text_config
@@ -124,7 +133,7 @@ class Qwen3VLPolicy(MegatronModule):
         self.image_token_id = hf_config.image_token_id
         self.video_token_id = hf_config.video_token_id
         self.spatial_merge_size = hf_config.vision_config.spatial_merge_size
-        layer = qwen3vl_layer_spec(backend)
+        layer = layer_spec if layer_spec is not None else qwen3vl_layer_spec(backend)
         block = TransformerBlockSubmodules(
             layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
             layer_norm=final_norm_spec(backend),
@@ -138,10 +147,12 @@ class Qwen3VLPolicy(MegatronModule):
             max_sequence_length=tc.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
-            share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+            share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings) and lm_head,
             parallel_output=parallel_output,
             vp_stage=vp_stage,
         )
+        if not lm_head and post_process:
+            self.language_model.output_layer = None
         self.vision = Qwen3VLVisionTower(config, hf_config.vision_config) if pre_process else None
 
     # megatron's finalize_model_grads finds the outermost module with `pre_process` and asks it
@@ -231,11 +242,12 @@ class Qwen3VLPolicy(MegatronModule):
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        return_hidden: bool = False,
+        return_hidden: bool | str = False,
         gather_logits: bool = True,
         head: HeadRequest | None = None,
     ) -> torch.Tensor | TokenLogProbs:
-        """Logits [b, s, vocab] on the last stage (hidden [b, s, h] with ``return_hidden``;
+        """Logits [b, s, vocab] on the last stage (hidden [b, s, h] with ``return_hidden``, or
+        ``[s(/tp), b, h]`` as this rank holds it with ``return_hidden="local"``;
         :class:`TokenLogProbs` of ``head.targets`` with ``head``, the training path, which never
         builds the logits); on other pipeline stages, the hidden states [s, b, h] for the next."""
         tp = self.config.tensor_model_parallel_size
