@@ -4,6 +4,7 @@
     prism eval CONFIG --checkpoint C [--split D] [--benchmark NAME=PATH ...] [--k K --temperature T]
     prism convert hf-to-megatron --hf-dir D --out O [--tp N] [--pp N]
     prism convert megatron-to-hf --megatron-dir D --out O
+    prism experiment CONFIG --arms A,B --seeds N [--algorithm grpo|dapo|gspo] [--out DIR] [key=value ...]
     prism plan CONFIG --nodes N --gpus-per-node G [--gpu-mem GIB] [--auto]  layout + memory planner
 
 Errors the user can fix (a bad config key, a bad checkpoint) are printed as one line on stderr
@@ -83,6 +84,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 2
     print(report.table())
     print(f"[prism] evaluation report: {out}")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    """Every (arm, seed) as a prism run + k-sample eval, then experiment_report.json/md."""
+    from megatron_prism.experiments import ExperimentError, ExperimentSpec, parse_arms, run_experiment
+    from megatron_prism.registry import UnknownNameError
+
+    if any("=" not in item for item in args.benchmark):
+        _err("--benchmark takes NAME=PATH, e.g. --benchmark mathvista=/data/MathVista")
+        return 2
+    try:
+        spec = ExperimentSpec(config=Path(args.config), arms=parse_arms(args.arms), seeds=args.seeds,
+                              algorithm=args.algorithm, out=Path(args.out) if args.out else None,
+                              overrides=args.overrides, k=args.k, temperature=args.temperature,
+                              benchmarks=dict(item.split("=", 1) for item in args.benchmark), launcher=args.launcher)
+        js, md = run_experiment(spec)
+    except (ConfigError, UnknownNameError, NotImplementedError, FileNotFoundError, ValueError, ExperimentError) as exc:
+        _err(str(exc))
+        return 2
+    print(md.read_text())
+    print(f"[prism] experiment report: {md} and {js}")
     return 0
 
 
@@ -168,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=0.0)
     ev.add_argument("--out", default=None, help="report JSON (default <run.output_dir>/eval_report.json)")
     ev.set_defaults(handler=_cmd_eval)
+
+    ex = sub.add_parser("experiment", help="named arms x seeds, each a prism run + k-sample eval, and a report "
+                                           "with mean +- std over seeds and paired tests against the baseline")
+    ex.add_argument("config", metavar="CONFIG", help="the YAML config every arm starts from")
+    ex.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides applied to every arm")
+    ex.add_argument("--arms", required=True, help="comma-separated arm names: baseline, prism, align-data-as-sft, "
+                                                 "dense-disc, text-only-disc, dedicated-experts")
+    ex.add_argument("--seeds", type=_positive_int, required=True, help="runs per arm (run.seed + 0..N-1)")
+    ex.add_argument("--algorithm", choices=("grpo", "dapo", "gspo"), default="grpo", help="the RLVR algorithm")
+    ex.add_argument("--out", default=None, help="experiment directory (default <run.output_dir>/experiment)")
+    ex.add_argument("--k", type=_positive_int, default=1, help="evaluation samples per item")
+    ex.add_argument("--temperature", type=float, default=0.0, help="evaluation sampling temperature")
+    ex.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH", help="also evaluate a benchmark")
+    ex.add_argument("--launcher", default="", help="command in front of each run, e.g. 'torchrun --nproc-per-node 8'")
+    ex.set_defaults(handler=_cmd_experiment)
 
     convert = sub.add_parser("convert", help="convert checkpoints between HF and megatron layouts")
     csub = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")

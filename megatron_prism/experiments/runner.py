@@ -1,0 +1,188 @@
+"""``prism experiment``: every (arm, seed) as a ``prism run`` into ``<out>/<arm>/seed<k>``, a k-sample
+``prism eval`` of its final weights, then ``experiment_report.json`` / ``.md``.
+
+Each run is a subprocess (the launcher, e.g. ``torchrun --nproc-per-node 8``, in front), so the
+same command drives laptop and cluster runs. Runs are resumable: a run directory records the exact
+overrides it was started with (``experiment_run.json``); a run whose ``eval_report.json`` exists is
+reused, an unfinished one is re-launched and ``prism run`` continues from its last checkpoint. A
+run directory started with different overrides is an error, never silently mixed in.
+
+All runs share one data root (the config's ``data.root``, or the synthetic task generated once into
+``<out>/data``), so every arm and seed is evaluated on the same items, which the paired tests need.
+Seed k sets ``run.seed = <config run.seed> + k`` in every arm (seeds are paired across arms).
+Override order, later winning: the user's ``key=value``, the arm's, the algorithm's, the runner's
+own (``run.output_dir``, ``run.seed``, ``data.root``, ``stages.sft.data_path`` for merged splits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_prism.config import PrismConfig, load_config
+from megatron_prism.experiments.arms import ALGORITHMS, Arm
+from megatron_prism.experiments.report import RunRecord, build_report, write_report
+
+MARKER = "experiment_run.json"
+EVAL_REPORT = "eval_report.json"
+
+
+class ExperimentError(RuntimeError):
+    """A run failed or a run directory conflicts; the message names the run and its log."""
+
+
+@dataclass
+class ExperimentSpec:
+    config: Path
+    arms: list[Arm]
+    seeds: int
+    algorithm: str = "grpo"
+    out: Path | None = None  # None: <run.output_dir>/experiment
+    overrides: list[str] = field(default_factory=list)
+    k: int = 1
+    temperature: float = 0.0
+    benchmarks: dict[str, str] = field(default_factory=dict)
+    launcher: str = ""  # "" = this Python; else e.g. "torchrun --nproc-per-node 8"
+    timeout: float | None = None  # seconds per subprocess
+
+
+def check_stages_exist(arms: list[Arm]) -> None:
+    """Fails before anything runs when an arm needs a stage the pipeline does not have yet."""
+    from megatron_prism.pipeline import STAGES, _register_stages
+
+    _register_stages()
+    for arm in arms:
+        missing = [s for s in arm.stages if s not in STAGES]
+        if missing:
+            raise NotImplementedError(
+                f"arm {arm.name!r} needs the stage(s) {', '.join(missing)}, which are not implemented yet (the "
+                f"discriminator WARMUP/ALIGN stages land with issue 7); run the arms that need only sft/rlvr/eval "
+                f"(baseline, align-data-as-sft) until then")
+
+
+def merge_splits(root: Path, splits: tuple[str, ...], dest: Path) -> Path:
+    """One directory holding the records of ``root/<split>`` for every split (written once).
+
+    JSONL records are rewritten with absolute image paths (record image paths are relative to
+    their file) and ids prefixed ``<split>/`` for all but the first split; Parquet files (images
+    embedded) are linked. Returns ``dest``."""
+    done = dest / ".complete"
+    if done.is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    for n, split in enumerate(splits):
+        files = sorted(p for p in (root / split).glob("*") if p.suffix in (".jsonl", ".parquet"))
+        if not files:
+            raise FileNotFoundError(f"no .jsonl or .parquet records in {root / split} (split {split!r} of data.root)")
+        for f in files:
+            target = dest / f"{split}__{f.name}"
+            if f.suffix == ".parquet":
+                target.unlink(missing_ok=True)
+                target.symlink_to(f.resolve())
+                continue
+            with f.open(encoding="utf-8") as src, target.open("w", encoding="utf-8") as out:
+                for line in src:
+                    if not line.strip():
+                        continue
+                    obj = json.loads(line)
+                    if isinstance(obj.get("images"), list):
+                        obj["images"] = [str((f.parent / i).resolve()) if isinstance(i, str) else i
+                                         for i in obj["images"]]
+                    if n and "id" in obj:
+                        obj["id"] = f"{split}/{obj['id']}"
+                    out.write(json.dumps(obj) + "\n")
+    done.write_text("")
+    return dest
+
+
+def _command(spec: ExperimentSpec) -> list[str]:
+    if not spec.launcher:
+        return [sys.executable, "-m", "megatron_prism.cli"]
+    return [*shlex.split(spec.launcher), "-m", "megatron_prism.cli"]
+
+
+def _launch(argv: list[str], log: Path, what: str, timeout: float | None) -> None:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    with log.open("a", encoding="utf-8") as out:
+        out.write(f"\n$ {shlex.join(argv)}\n")
+        out.flush()
+        try:
+            rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if rc != 0:
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
+        raise ExperimentError(f"{what} failed ({rc}); full log {log}; last lines:\n{tail}")
+
+
+def final_checkpoint(run_dir: Path) -> str:
+    """The last checkpoint a finished ``prism run`` produced (from its report.json)."""
+    report = run_dir / "report.json"
+    if not report.is_file():
+        raise ExperimentError(f"{run_dir} has no report.json: its prism run did not finish")
+    ckpts = [s["checkpoint"] for s in json.loads(report.read_text())["stages"] if s.get("checkpoint")]
+    if not ckpts:
+        raise ExperimentError(f"{report} lists no checkpoint: the run trained nothing to evaluate")
+    return ckpts[-1]
+
+
+def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Path, data_root: Path) -> RunRecord:
+    """Runs (or reuses) one arm at one seed; returns where its evaluation report is."""
+    run_dir = out / arm.name / f"seed{seed}"
+    overrides = [*spec.overrides, *arm.overrides, *ALGORITHMS[spec.algorithm],
+                 f"run.output_dir={run_dir}", f"run.seed={cfg.run.seed + seed}", f"data.root={data_root}"]
+    if arm.sft_splits != ("sft",):
+        merged = merge_splits(data_root, arm.sft_splits, out / "merged_splits" / "+".join(arm.sft_splits))
+        overrides.append(f"stages.sft.data_path={merged}")
+    record = {"arm": arm.name, "seed": seed, "algorithm": spec.algorithm, "config": str(spec.config),
+              "overrides": overrides, "k": spec.k, "temperature": spec.temperature, "benchmarks": spec.benchmarks}
+    marker = run_dir / MARKER
+    if marker.is_file():
+        previous = json.loads(marker.read_text())
+        if previous != record:
+            changed = sorted(k for k in record if previous.get(k) != record[k])
+            raise ExperimentError(f"{run_dir} holds a run started with different settings ({', '.join(changed)}); "
+                                  f"use another --out or delete that directory")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(record, indent=1) + "\n")
+    result = RunRecord(arm.name, seed, run_dir, run_dir / EVAL_REPORT)
+    if result.eval_report.is_file():
+        print(f"[experiment] {arm.name} seed {seed}: finished earlier, reused", flush=True)
+        return result
+    print(f"[experiment] {arm.name} seed {seed}: prism run -> {run_dir}", flush=True)
+    cmd = _command(spec)
+    _launch([*cmd, "run", str(spec.config), *overrides], run_dir / "prism_run.log", f"prism run of {arm.name} seed "
+            f"{seed}", spec.timeout)
+    bench = [a for name, path in spec.benchmarks.items() for a in ("--benchmark", f"{name}={path}")]
+    _launch([*cmd, "eval", str(spec.config), *overrides, "--checkpoint", final_checkpoint(run_dir),
+             "--split", str(data_root / "eval"), "--k", str(spec.k), "--temperature", str(spec.temperature),
+             "--out", str(result.eval_report), *bench], run_dir / "prism_eval.log",
+            f"prism eval of {arm.name} seed {seed}", spec.timeout)
+    return result
+
+
+def run_experiment(spec: ExperimentSpec) -> tuple[Path, Path]:
+    """Runs every (arm, seed) and writes the report; returns (json, md) paths."""
+    if spec.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {spec.seeds}")
+    if spec.algorithm not in ALGORITHMS:
+        raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {spec.algorithm!r}")
+    cfg = load_config(spec.config, spec.overrides)  # a bad key fails here, before any run
+    check_stages_exist(spec.arms)
+    out = Path(spec.out or Path(cfg.run.output_dir) / "experiment")
+    from megatron_prism.pipeline import prepare_data
+
+    data_root = prepare_data(cfg, out).resolve()
+    runs = [run_one(spec, cfg, arm, seed, out, data_root) for arm in spec.arms for seed in range(spec.seeds)]
+    meta = {"config": str(spec.config), "algorithm": spec.algorithm, "k": spec.k, "temperature": spec.temperature,
+            "overrides": spec.overrides, "data_root": str(data_root),
+            "arm_descriptions": {a.name: a.description for a in spec.arms}}
+    return write_report(build_report(runs, meta=meta), out)

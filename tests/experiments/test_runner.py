@@ -1,0 +1,151 @@
+"""``prism experiment``: arms, the merged SFT split of the align-data-as-sft control, the report on
+constructed runs (hand-computed figures), the issue-7 error for game arms, and a real two-seed
+baseline experiment of very short ``prism run``s that is then resumed without re-running."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from megatron_prism.experiments import (
+    ARMS,
+    ExperimentError,
+    ExperimentSpec,
+    build_report,
+    parse_arms,
+    render_markdown,
+    run_experiment,
+)
+from megatron_prism.experiments.report import RunRecord
+from megatron_prism.experiments.runner import check_stages_exist, merge_splits
+from megatron_prism.registry import UnknownNameError
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "configs" / "tiny.yaml"
+
+
+def test_arms_are_registered_and_parsed():
+    assert set(ARMS.names()) == {"baseline", "prism", "align-data-as-sft", "dense-disc", "text-only-disc",
+                                 "dedicated-experts"}
+    assert [a.name for a in parse_arms("baseline, prism")] == ["baseline", "prism"]
+    assert "stages.align.enabled=false" in ARMS.get("baseline").overrides
+    assert ARMS.get("align-data-as-sft").sft_splits == ("sft", "align")
+    assert "discriminator.mode=text-only" in ARMS.get("text-only-disc").overrides
+    with pytest.raises(UnknownNameError, match="did you mean 'baseline'"):
+        parse_arms("baselne")
+    with pytest.raises(ValueError, match="more than once"):
+        parse_arms("baseline,baseline")
+
+
+def test_game_arms_fail_early_naming_issue_7():
+    from megatron_prism.pipeline import STAGES, _register_stages
+
+    _register_stages()
+    if "warmup" in STAGES and "align" in STAGES:
+        pytest.skip("the WARMUP/ALIGN stages exist now")
+    with pytest.raises(NotImplementedError, match="issue 7") as err:
+        check_stages_exist(parse_arms("baseline,dense-disc"))
+    assert "dense-disc" in str(err.value)
+    check_stages_exist(parse_arms("baseline,align-data-as-sft"))  # these need only existing stages
+
+
+def test_merge_splits_keeps_images_and_prefixes_ids(tmp_path):
+    from megatron_prism.data.loader import load_split
+
+    root = tmp_path / "data"
+    for split, rid in (("sft", "a"), ("align", "a")):
+        (root / split / "img").mkdir(parents=True)
+        (root / split / "img" / "x.png").write_bytes(b"png")
+        rec = {"id": rid, "images": ["img/x.png"], "prompt": "<image> what?", "response": f"{split} demo"}
+        (root / split / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    merged = merge_splits(root, ("sft", "align"), tmp_path / "merged")
+    records, _ = load_split(merged, "sft", strict=True)
+    assert sorted(r.id for r in records) == ["a", "align/a"]
+    assert {r.response for r in records} == {"sft demo", "align demo"}
+    assert all(r.images[0].path.is_file() for r in records)
+    with pytest.raises(FileNotFoundError, match="split 'rl'"):
+        merge_splits(root, ("sft", "rl"), tmp_path / "merged2")
+
+
+def _eval_report(path: Path, benches: dict[str, dict[str, list[float]]]) -> Path:
+    data = {"benchmarks": {name: {"mean_accuracy": sum(sum(s) / len(s) for s in items.values()) / len(items),
+                                  "pass_at": {"1": 0.0}, "items": [{"id": i, "scores": s} for i, s in items.items()]}
+                           for name, items in benches.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_report_on_constructed_runs(tmp_path):
+    # baseline: seed 0 gets items a,b of bench X right half the time; the arm is right more often
+    spec = {
+        ("baseline", 0): {"X": {"a": [1, 0], "b": [0, 0], "c": [1, 1]}, "Y": {"q": [0, 0], "r": [1, 1]}},
+        ("baseline", 1): {"X": {"a": [0, 0], "b": [0, 0], "c": [1, 1]}, "Y": {"q": [0, 0], "r": [0, 0]}},
+        ("better", 0): {"X": {"a": [1, 1], "b": [1, 0], "c": [1, 1]}, "Y": {"q": [1, 1], "r": [1, 1]}},
+        ("better", 1): {"X": {"a": [1, 1], "b": [0, 0], "c": [1, 1]}, "Y": {"q": [0, 1], "r": [1, 1]}},
+    }
+    runs = [RunRecord(arm, seed, tmp_path / arm / str(seed), _eval_report(tmp_path / arm / f"{seed}.json", b))
+            for (arm, seed), b in spec.items()]
+    report = build_report(runs, meta={"algorithm": "grpo", "k": 2, "temperature": 1.0}, n_boot=500)
+    # baseline X accuracy: seed 0 (0.5 + 0 + 1)/3 = 0.5, seed 1 (0 + 0 + 1)/3 = 1/3
+    assert report["summary"]["baseline"]["X"]["mean"] == pytest.approx(5 / 12)
+    assert report["summary"]["baseline"]["X"]["std"] == pytest.approx(math.sqrt(2) * (1 / 12))
+    # average over benchmarks, per seed: baseline seed 0 (0.5 + 0.5)/2, seed 1 (1/3 + 0)/2
+    assert report["summary"]["baseline"]["average"]["mean"] == pytest.approx((0.5 + 1 / 6) / 2)
+    cmp_x = report["comparisons"]["better"]["X"]
+    # per-item differences: seed 0 a +0.5 b +0.5 c 0; seed 1 a +1 b 0 c 0 -> mean 2/6
+    assert cmp_x["mean_diff"] == pytest.approx(2 / 6)
+    assert cmp_x["t_items"]["n"] == 3 and cmp_x["t_seeds"]["n"] == 2
+    # item means over seeds: a 0.75, b 0.25, c 0 -> t = mean / (sd / sqrt 3)
+    d = [0.75, 0.25, 0.0]
+    mu = sum(d) / 3
+    sd = math.sqrt(sum((x - mu) ** 2 for x in d) / 2)
+    assert cmp_x["t_items"]["t"] == pytest.approx(mu / (sd / math.sqrt(3)))
+    # average: per-seed macro differences seed 0 (1/3 + 0.5)/2, seed 1 (1/3 + 0.75)/2
+    assert report["comparisons"]["better"]["average"]["mean_diff"] == pytest.approx(((1 / 3 + 0.5) + (1 / 3 + 0.75)) / 4)
+    md = render_markdown(report)
+    assert "| better |" in md and "Difference to `baseline`" in md and "41.67 ± 11.79" in md
+
+
+def test_report_rejects_a_run_missing_a_benchmark(tmp_path):
+    runs = [RunRecord("baseline", 0, tmp_path, _eval_report(tmp_path / "a.json", {"X": {"a": [1]}})),
+            RunRecord("other", 0, tmp_path, _eval_report(tmp_path / "b.json", {"Y": {"a": [1]}}))]
+    with pytest.raises(ValueError, match="no result for benchmark"):
+        build_report(runs, meta={})
+
+
+SHORT = ["run.logger=none", "data.synth_sizes=sft=40,align=8,rl=16,eval=8", "stages.sft.steps=2",
+         "stages.sft.global_batch_size=4", "stages.sft.save_every=2", "stages.sft.eval_every=0",
+         "stages.rlvr.steps=1", "stages.rlvr.global_batch_size=2", "stages.rlvr.save_every=1",
+         "stages.rlvr.eval_every=0", "rollout.n=2", "rollout.max_new_tokens=32", "stages.eval.enabled=false",
+         "optim.warmup_steps=0"]
+
+
+def test_baseline_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "exp"
+    spec = ExperimentSpec(config=TINY, arms=parse_arms("baseline"), seeds=2, out=out, overrides=SHORT, k=2,
+                          temperature=1.0, timeout=600)
+    js, md = run_experiment(spec)
+    report = json.loads(js.read_text())
+    assert report["arms"] == ["baseline"] and report["seeds"] == [0, 1] and report["benchmarks"] == ["heldout"]
+    for seed in (0, 1):
+        run = out / "baseline" / f"seed{seed}"
+        ev = json.loads((run / "eval_report.json").read_text())
+        assert ev["k"] == 2 and len(ev["benchmarks"]["heldout"]["items"]) == 8
+        assert (run / "report.json").is_file() and f"run.seed={1234 + seed}" in \
+            json.loads((run / "experiment_run.json").read_text())["overrides"]
+    assert 0.0 <= report["summary"]["baseline"]["heldout"]["mean"] <= 1.0
+    assert "baseline" in md.read_text()
+    # resumed: every run is reused, nothing is re-run or re-evaluated
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("baseline/seed*/eval_report.json")}
+    run_experiment(spec)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # the same directory with other settings is refused
+    changed = ExperimentSpec(config=TINY, arms=parse_arms("baseline"), seeds=1, out=out,
+                             overrides=[*SHORT, "stages.sft.steps=3"], k=2, temperature=1.0)
+    with pytest.raises(ExperimentError, match="different settings"):
+        run_experiment(changed)
