@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from megatron_prism import __version__
@@ -242,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[prism] %(levelname)s %(name)s: %(message)s")
     for noisy in ("megatron", "torch", "transformers"):  # their INFO lines drown the run's progress
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # megatron-core announces at import time every optional package it falls back from (Transformer
+    # Engine, Apex); which backend the model really uses is chosen and reported by our own specs, so
+    # these notices only bury the run's output and the one-line errors below them.
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"Apex is not installed", category=UserWarning)
     return args.handler(args)
 
 

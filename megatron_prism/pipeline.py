@@ -28,16 +28,23 @@ StageFn = Callable[[StageContext], StageResult]
 STAGES: Registry[StageFn] = Registry("stage")
 
 
-def _register_stages() -> None:
-    if "sft" in STAGES:
-        return
-    from megatron_prism.stages.evaluate import run_eval_stage
-    from megatron_prism.stages.rlvr import run_rlvr
-    from megatron_prism.stages.sft import run_sft
+# Where each implemented stage lives, imported only when a run starts (the stage modules pull in
+# megatron-core and the model code); ``run`` checks a config against these names before anything
+# heavy is imported or any stage starts.
+STAGE_FUNCTIONS = {
+    "sft": "megatron_prism.stages.sft:run_sft",
+    "rlvr": "megatron_prism.stages.rlvr:run_rlvr",
+    "eval": "megatron_prism.stages.evaluate:run_eval_stage",
+}
 
-    STAGES.register("sft")(run_sft)
-    STAGES.register("rlvr")(run_rlvr)
-    STAGES.register("eval")(run_eval_stage)
+
+def _register_stages() -> None:
+    import importlib
+
+    for name, target in STAGE_FUNCTIONS.items():
+        if name not in STAGES:
+            module, attr = target.split(":")
+            STAGES.register(name)(getattr(importlib.import_module(module), attr))
 
 
 def _rank0() -> bool:
@@ -86,6 +93,11 @@ def run(cfg: PrismConfig) -> Path:
     """Runs the enabled stages; returns the path of report.md."""
     from megatron_prism.parallel.state import init_parallel
 
+    missing = [s.name for s in cfg.enabled_stages() if s.name not in STAGE_FUNCTIONS]
+    if missing:  # checked before anything runs, so a long run cannot fail at its third stage
+        raise NotImplementedError(
+            f"stage(s) {', '.join(map(repr, missing))} not implemented yet (the discriminator stages land with "
+            f"issue 7); disable with {' '.join(f'stages.{n}.enabled=false' for n in missing)}")
     _register_stages()
     p = cfg.parallel
     init_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, seed=cfg.run.seed)
@@ -108,10 +120,6 @@ def run(cfg: PrismConfig) -> Path:
                                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
             result = finished_result(ctx)
             if result is None:
-                if stage.name not in STAGES:
-                    raise NotImplementedError(
-                        f"stage {stage.name!r} is not implemented yet (the discriminator stages land with "
-                        f"issue 7); disable it with stages.{stage.name}.enabled=false")
                 print(f"[prism] stage {stage.name}: starting from {source}", flush=True)
                 result = STAGES.get(stage.name)(ctx)
                 write_result(ctx, result)

@@ -25,6 +25,7 @@ from megatron_prism.stages.common import (
     banned_ids, decode_responses, input_processor, make_client, prompt_requests, run_evaluation, score,
 )
 from megatron_prism.training.checkpoint import latest_checkpoint
+from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import StageContext, StageResult, Throughput, save, start_or_resume
 from megatron_prism.training.metrics import progress
 from megatron_prism.training.runtime import MicroBatch, PolicyRuntime
@@ -59,6 +60,7 @@ def _collect_rollouts(ctx, state, processor, client, skips, step: int):
                                   max_new_tokens=ro.max_new_tokens, stop_ids=stop, banned_ids=banned,
                                   seed=_seed(cfg.run.seed, step, rounds, ctx.dp_rank))
         results = client.generate(requests, sampling)
+        pause_point("rlvr.rollout")
         responses = decode_responses(processor, results)
         expanded = [rec for rec in records for _ in range(ro.n)]
         scored = score(alg.reward, responses, expanded)
@@ -177,7 +179,7 @@ def run_rlvr(ctx: StageContext) -> StageResult:
                         alg.dual_clip, alg.loss_agg, counts=counts, norm_len=ro.max_new_tokens,
                         ref_logp=t.get("ref_logp"), kl_coef=alg.kl_coef, kl_kind=alg.kl_kind,
                         entropy=out.entropy, entropy_coef=alg.entropy_coef, backend=alg.loss_backend)
-                    ent = float((out.entropy * mask).sum())
+                    ent = float((out.entropy.detach() * mask).sum())
                     return loss, {"loss": float(loss.detach()), "tokens": float(m["tokens"]), "clipped": float(m["clipped"]),
                                   "clipped_lower": float(m["clipped_lower"]), "approx_kl": float(m["neg_log_ratio"]),
                                   "kl": float(m["kl"]), "entropy": ent}
@@ -186,6 +188,7 @@ def run_rlvr(ctx: StageContext) -> StageResult:
                 for red in runtime.run(mini, loss_fn, with_entropy=True):
                     for k, v in red.items():
                         metrics_sum[k] = metrics_sum.get(k, 0.0) + v
+                pause_point("rlvr.update")
                 result = runtime.optimizer.step()
         timer.lap("train")
         state.step += 1

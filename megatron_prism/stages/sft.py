@@ -22,6 +22,7 @@ from megatron_prism.data.processing import IGNORE_INDEX, DemonstrationInputs
 from megatron_prism.data.records import RecordError
 from megatron_prism.stages.common import input_processor, run_evaluation
 from megatron_prism.training.checkpoint import latest_checkpoint
+from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import StageContext, StageResult, Throughput, save, start_or_resume
 from megatron_prism.training.metrics import progress
 from megatron_prism.training.runtime import MicroBatch
@@ -92,6 +93,7 @@ def run_sft(ctx: StageContext) -> StageResult:
         runtime.optimizer.zero_grad()
         reduced = runtime.run(micro_batches, loss_fn)
         result = runtime.optimizer.step()
+        pause_point("sft.step")
         timer.lap("train")
         state.step += 1
         last = {"loss": sum(r["nll_share"] for r in reduced) if reduced else float("nan"),

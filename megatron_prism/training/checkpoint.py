@@ -40,6 +40,7 @@ from megatron_prism.models.conversion.convert import layout_maps
 from megatron_prism.models.conversion.hf_io import copy_non_weight_files, fsync_dir
 from megatron_prism.models.conversion.mapping import global_name
 from megatron_prism.models.errors import CheckpointError
+from megatron_prism.training.faults import pause_point
 
 LATEST = "latest"
 COMPLETE = "COMPLETE.json"
@@ -156,6 +157,7 @@ def save_checkpoint(
         rank_file = f"rank_{rank:05d}.pt"
         _write_fsync(tmp / rank_file, lambda p: torch.save({"optimizer": optimizer_state, "rng": rng_state()}, p))
         written = {n: shard_name for n in shard}
+        pause_point("checkpoint.write")
     except OSError as exc:
         ok[0] = 0
         error = exc

@@ -3,6 +3,7 @@ mistakes are one clear line on stderr, not a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,51 +18,63 @@ from megatron_prism.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "configs" / "tiny.yaml"
 
-STAGE_LINES = [
-    "stage SFT: not yet implemented (lands with issue 6)",
-    "stage WARMUP: not yet implemented (lands with issue 7)",
-    "stage ALIGN: not yet implemented (lands with issue 7)",
-    "stage RLVR: not yet implemented (lands with issue 6)",
-    "stage EVAL: not yet implemented (lands with issue 6)",
-]
+# A real but short run: the tiny model, a few steps per stage, small synthetic splits.
+SHORT = ["run.logger=none", "data.synth_sizes=sft=24,align=4,rl=8,eval=4", "stages.sft.steps=2",
+         "stages.sft.global_batch_size=4", "stages.sft.eval_every=0", "stages.rlvr.steps=1",
+         "stages.rlvr.global_batch_size=2", "stages.rlvr.eval_every=0", "rollout.n=2", "rollout.max_new_tokens=16",
+         "parallel.micro_batch_size=4"]
 
 
-def _prism(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def _prism(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "megatron_prism.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+        [sys.executable, "-m", "megatron_prism.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env,
+        timeout=timeout,
     )
 
 
-def test_run_writes_resolved_config_and_walks_stages(tmp_path, capsys):
+def test_run_writes_resolved_config_walks_stages_and_reports(tmp_path):
     out_dir = tmp_path / "run"
-    rc = main(["run", str(TINY), f"run.output_dir={out_dir}", "optim.lr=1e-6", "stages.sft.steps=7"])
-    assert rc == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line for line in lines if line.startswith("stage ")] == STAGE_LINES
+    overrides = [f"run.output_dir={out_dir}", "optim.lr=1e-6", *SHORT]
+    proc = _prism("run", str(TINY), *overrides, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    started = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[prism] stage ")]
+    assert started == ["[prism] stage sft", "[prism] stage rlvr", "[prism] stage eval"]
+    assert "stages disabled or absent: warmup, align" in proc.stdout
+    assert f"[prism] report: {out_dir / 'report.md'} and {out_dir / 'report.json'}" in proc.stdout
 
     written = yaml.safe_load((out_dir / "config.yaml").read_text())
     assert written["optim"]["lr"] == 1e-6
-    assert written["stages"]["sft"]["steps"] == 7
+    assert written["stages"]["sft"]["steps"] == 2
     assert written["run"]["output_dir"] == str(out_dir)
-    assert load_config(out_dir / "config.yaml", []) == load_config(
-        TINY, [f"run.output_dir={out_dir}", "optim.lr=1e-6", "stages.sft.steps=7"]
-    )
+    assert load_config(out_dir / "config.yaml", []) == load_config(TINY, overrides)
+
+    report = json.loads((out_dir / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["sft", "rlvr", "eval"]
+    assert [s["steps"] for s in report["stages"][:2]] == [2, 1]
+    md = (out_dir / "report.md").read_text()
+    assert all(f"| {name} |" in md for name in ("sft", "rlvr", "eval"))
+    for name in ("sft", "rlvr"):
+        assert (out_dir / name / "result.json").is_file()
+    steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    rlvr_steps = [rec for rec in steps if rec["stage"] == "rlvr"]
+    assert rlvr_steps and all(k in rlvr_steps[0] for k in ("reward/mean", "reward/accuracy", "throughput/tokens_per_s", "time/rollout_s"))
+
+    # The same command again: every stage is finished, nothing runs twice.
+    again = _prism("run", str(TINY), *overrides, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already finished, skipped") == 3
 
 
-def test_disabled_stages_print_nothing(tmp_path, capsys):
-    rc = main(["run", str(TINY), f"run.output_dir={tmp_path}", "stages.warmup.enabled=false", "stages.align.enabled=false"])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert [line for line in out.splitlines() if line.startswith("stage ")] == [STAGE_LINES[0], STAGE_LINES[3], STAGE_LINES[4]]
-    assert "stages disabled or absent: warmup, align" in out
-
-
-def test_run_as_a_process(tmp_path):
-    proc = _prism("run", str(TINY), f"run.output_dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr
-    assert [line for line in proc.stdout.splitlines() if line.startswith("stage ")] == STAGE_LINES
-    assert (tmp_path / "config.yaml").is_file()
+def test_unimplemented_stage_fails_before_anything_runs(tmp_path):
+    proc = _prism("run", str(TINY), f"run.output_dir={tmp_path}", *SHORT, "stages.warmup.enabled=true")
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prism: error: ") and "issue 7" in err[0], proc.stderr
+    assert "stages.warmup.enabled=false" in err[0]
+    assert "Traceback" not in proc.stderr
+    assert "[prism] stage" not in proc.stdout
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,110 @@
+"""Exact resume after a real crash: ``prism run`` is SIGKILLed at chosen points (SFT between steps,
+an RLVR rollout, the middle of an RLVR optimizer step, a checkpoint write), the same command is run
+again until it finishes, and the final weights must equal those of an uninterrupted run bit for bit.
+
+The kill points are hit deterministically through the test seam ``megatron_prism.training.faults``:
+with ``PRISM_PAUSE_AT=name@k`` the process writes ``PRISM_PAUSE_MARKER`` at the k-th hit of the
+point and waits there; the test then sends SIGKILL to its process group (nothing is mocked; the
+rerun has no pause variables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.pipeline.prism_proc import ROOT, prism_argv, prism_env, run_prism, shard_tensors, stage_checkpoint
+
+# 3 SFT steps and 2 RLVR steps, a checkpoint after every step, held-out eval before/after each
+# stage (so eval_before is restored from the checkpoint on resume), no EVAL stage.
+SHORT = ["stages.sft.steps=3", "stages.sft.global_batch_size=4", "stages.sft.save_every=1",
+         "stages.sft.eval_every=100", "stages.rlvr.steps=2", "stages.rlvr.global_batch_size=2", "rollout.n=4",
+         "rollout.max_new_tokens=32", "stages.rlvr.save_every=1", "stages.rlvr.eval_every=100",
+         "stages.eval.enabled=false", "optim.warmup_steps=0"]
+
+# name@k (k-th hit in the killed process), and the checkpoint the rerun must resume from.
+KILL_POINTS = {
+    "sft.step@2": ("sft", "step_00000001"),          # SFT step 2 updated the weights, not yet saved
+    "rlvr.rollout@2": ("rlvr", "step_00000001"),     # during RLVR step 2's generation round
+    "rlvr.update@2": ("rlvr", "step_00000001"),      # RLVR step 2: gradients reduced, optimizer not stepped
+    "checkpoint.write@5": ("rlvr", "step_00000001"),  # RLVR step 2's checkpoint: shard + rank file written
+}
+
+
+def _overrides(warm) -> list[str]:
+    return [*warm.overrides(), *SHORT]
+
+
+@pytest.fixture(scope="module")
+def reference(warm, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    run_prism(run_dir, *_overrides(warm))
+    return run_dir
+
+
+def _kill_at(point: str, run_dir: Path, overrides: list[str], timeout: float = 240.0) -> None:
+    marker = run_dir.parent / f"paused-{point}"
+    env = prism_env(PRISM_PAUSE_AT=point, PRISM_PAUSE_MARKER=str(marker), PRISM_PAUSE_SECONDS="120")
+    log = open(run_dir.parent / f"killed-{point}.log", "w")
+    proc = subprocess.Popen(prism_argv(run_dir, *overrides), cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, f"prism run ended (rc {proc.returncode}) before reaching {point}"
+            assert time.monotonic() < deadline, f"{point} not reached in {timeout} s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_resume_after_sigkill_is_bit_exact(point, warm, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = _overrides(warm)
+    _kill_at(point, run_dir, overrides)
+
+    stage, resume_from = KILL_POINTS[point]
+    ckpts = run_dir / stage / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == resume_from
+    assert not (run_dir / stage / "result.json").exists()
+    if point.startswith("checkpoint.write"):
+        tmp = ckpts / ".tmp-step_00000002"  # a half-written checkpoint that must never be loaded
+        assert {p.name for p in tmp.iterdir()} >= {"mp_rank_00_000.safetensors", "rank_00000.pt"}
+        assert not (tmp / "COMPLETE.json").exists() and not (ckpts / "step_00000002").exists()
+
+    for _ in range(3):  # "run the same command again until it finishes" (here: once)
+        proc = subprocess.run(prism_argv(run_dir, *overrides), cwd=ROOT, env=prism_env(), capture_output=True,
+                              text=True, timeout=300)
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"stage {stage}: starting" in proc.stdout
+    assert not list(run_dir.glob("*/checkpoints/.tmp-*"))
+
+    for name in ("sft", "rlvr"):
+        ref_ckpt, got_ckpt = stage_checkpoint(reference, name), stage_checkpoint(run_dir, name)
+        assert got_ckpt.name == ref_ckpt.name
+        ref, got = shard_tensors(ref_ckpt), shard_tensors(got_ckpt)
+        assert ref.keys() == got.keys()
+        differ = [k for k in ref if not torch.equal(ref[k], got[k])]
+        assert not differ, f"{name}: {len(differ)} of {len(ref)} tensors differ after resume, e.g. {differ[:3]}"
+        ref_state = json.loads((ref_ckpt / "trainer_state.json").read_text())
+        assert json.loads((got_ckpt / "trainer_state.json").read_text()) == ref_state
+
+    # The weights really moved in RLVR (a zero-advantage step would make the comparison vacuous).
+    rlvr = shard_tensors(stage_checkpoint(reference, "rlvr"))
+    sft = shard_tensors(stage_checkpoint(reference, "sft"))
+    assert any(not torch.equal(rlvr[k], sft[k]) for k in rlvr)
