@@ -105,7 +105,7 @@ def test_per_part_validity_mask():
     expected = 0.0
     for p in range(2):
         rows = [i for i in range(6) if valid[i, p]]
-        expected += sum(-math.log(_sigmoid(float(teacher[i, p] - policy[i, p]))) for i in rows) / len(rows)
+        expected += sum(-math.log(_sigmoid((teacher[i, p] - policy[i, p]).item())) for i in rows) / len(rows)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
