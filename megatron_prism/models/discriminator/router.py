@@ -56,6 +56,10 @@ class PartAwareRouter(TopKRouter):
         mask[REASONING, :perception_experts] = False
         self.group_mask = mask
 
+    def apply_input_jitter(self, input: torch.Tensor) -> torch.Tensor:
+        # megatron jitters in eval too; scores used as rewards must not depend on a random draw.
+        return super().apply_input_jitter(input) if self.training else input
+
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         logits = super().gating(input)
         if self.group_mask is None:
