@@ -33,6 +33,8 @@ STAGES: Registry[StageFn] = Registry("stage")
 # heavy is imported or any stage starts.
 STAGE_FUNCTIONS = {
     "sft": "megatron_prism.stages.sft:run_sft",
+    "warmup": "megatron_prism.stages.warmup:run_warmup",
+    "align": "megatron_prism.stages.align:run_align",
     "rlvr": "megatron_prism.stages.rlvr:run_rlvr",
     "eval": "megatron_prism.stages.evaluate:run_eval_stage",
 }
@@ -96,8 +98,7 @@ def run(cfg: PrismConfig) -> Path:
     missing = [s.name for s in cfg.enabled_stages() if s.name not in STAGE_FUNCTIONS]
     if missing:  # checked before anything runs, so a long run cannot fail at its third stage
         raise NotImplementedError(
-            f"stage(s) {', '.join(map(repr, missing))} not implemented yet (the discriminator stages land with "
-            f"issue 7); disable with {' '.join(f'stages.{n}.enabled=false' for n in missing)}")
+            f"stage(s) {', '.join(map(repr, missing))} not implemented; disable with {' '.join(f'stages.{n}.enabled=false' for n in missing)}")
     _register_stages()
     p = cfg.parallel
     init_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, seed=cfg.run.seed)
@@ -111,13 +112,15 @@ def run(cfg: PrismConfig) -> Path:
     source = prepare_model(cfg, run_dir, data_root)
     metrics = MetricsLogger(run_dir, cfg.run.logger if cfg.run.logger != "none" else "jsonl")
     results: list[StageResult] = []
+    artifacts: dict[str, str] = {}  # named outputs a stage hands to later ones (WARMUP's discriminator)
     started = time.time()
     try:
         for stage in cfg.enabled_stages():
             if stage.output_dir is None:
                 stage.output_dir = str(run_dir / stage.name)
             ctx = StageContext(cfg, stage, source, data_root, metrics,
-                               dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
+                               dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                               artifacts=dict(artifacts))
             result = finished_result(ctx)
             if result is None:
                 print(f"[prism] stage {stage.name}: starting from {source}", flush=True)
@@ -127,6 +130,7 @@ def run(cfg: PrismConfig) -> Path:
                 print(f"[prism] stage {stage.name}: already finished, skipped", flush=True)
             if result.checkpoint:
                 source = Path(result.checkpoint)
+            artifacts.update(result.metrics.get("artifacts", {}))
             results.append(result)
     finally:
         metrics.close()

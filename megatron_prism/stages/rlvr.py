@@ -9,17 +9,12 @@ sync to the engine at the start of the next step.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
-from megatron_prism.algorithms import GroupRefillBuffer, compute_advantages, policy_loss, shape_rewards
-from megatron_prism.algorithms.aggregation import GlobalCounts
-from megatron_prism.data.processing import IGNORE_INDEX
+from megatron_prism.algorithms import GroupRefillBuffer, compute_advantages, shape_rewards
 from megatron_prism.rollout import SamplingParams
 from megatron_prism.stages.common import (
     banned_ids, decode_responses, input_processor, make_client, prompt_requests, run_evaluation, score,
@@ -28,20 +23,10 @@ from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import StageContext, StageResult, Throughput, save, start_or_resume
 from megatron_prism.training.metrics import progress
-from megatron_prism.training.runtime import MicroBatch, PolicyRuntime
+from megatron_prism.stages.policy_update import dp_sum, rollout_seed, update_metrics, update_policy
+from megatron_prism.training.runtime import PolicyRuntime
 
 log = logging.getLogger(__name__)
-
-
-def _dp_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-    return t.tolist()
-
-
-def _seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
 def _collect_rollouts(ctx, state, processor, client, skips, step: int):
@@ -58,7 +43,7 @@ def _collect_rollouts(ctx, state, processor, client, skips, step: int):
         requests, records = prompt_requests(processor, state.loader.next_batch(), skips)
         sampling = SamplingParams(n=ro.n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                   max_new_tokens=ro.max_new_tokens, stop_ids=stop, banned_ids=banned,
-                                  seed=_seed(cfg.run.seed, step, rounds, ctx.dp_rank))
+                                  seed=rollout_seed(cfg.run.seed, step, rounds, ctx.dp_rank))
         results = client.generate(requests, sampling)
         pause_point("rlvr.rollout")
         responses = decode_responses(processor, results)
@@ -77,7 +62,7 @@ def _collect_rollouts(ctx, state, processor, client, skips, step: int):
         ]
         group_ids = [f"{rounds}:{i // ro.n}" for i in range(len(results))]
         buffer.add(items, rewards, group_ids)
-        done = _dp_sum([0.0 if buffer.full() else 1.0])[0] == 0
+        done = dp_sum([0.0 if buffer.full() else 1.0])[0] == 0
         if done:
             break
         if rounds >= alg.max_sampling_rounds:
@@ -86,44 +71,6 @@ def _collect_rollouts(ctx, state, processor, client, skips, step: int):
                 f"groups after {rounds} generation rounds ({buffer.dropped_groups} groups dropped); raise "
                 "algorithm.max_sampling_rounds or use data whose difficulty suits the policy")
     return buffer.take(), buffer.dropped_groups, rounds
-
-
-def _micro_batches(samples: list[dict], size: int, multiple: int) -> list[MicroBatch]:
-    """Right-padded micro-batches of prompt + response with next-token targets on the response."""
-    out = []
-    for start in range(0, len(samples), size):
-        chunk = samples[start:start + size]
-        seqs = [s["request"].prompt_ids + s["result"].response_ids for s in chunk]
-        length = -(-max(map(len, seqs)) // multiple) * multiple
-        ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        mask = torch.zeros(len(chunk), length, dtype=torch.long)
-        targets = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
-        adv = torch.zeros(len(chunk), length)
-        pixels, grids = [], []
-        for row, (s, seq) in enumerate(zip(chunk, seqs)):
-            p = len(s["request"].prompt_ids)
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-            response = s["result"].response_ids
-            targets[row, p - 1:p - 1 + len(response)] = torch.tensor(response)
-            adv[row] = s["advantage"]
-            if s["request"].pixel_values is not None:
-                pixels.append(s["request"].pixel_values)
-                grids.append(s["request"].image_grid_thw)
-        tensors = {"input_ids": ids, "attention_mask": mask, "targets": targets, "advantages": adv,
-                   "pixel_values": torch.cat(pixels) if pixels else None,
-                   "image_grid_thw": torch.cat(grids) if grids else None}
-        out.append(MicroBatch(tensors, num_tokens=int((targets != IGNORE_INDEX).sum())))
-    return out
-
-
-def _recompute(runtime: PolicyRuntime, mbs: list[MicroBatch], key: str) -> None:
-    """Fills ``tensors[key]`` with the runtime's log-probs of the targets (last stage only)."""
-    def keep(index, out):
-        mbs[index].tensors[key] = out.logp.detach().float()
-
-    with torch.no_grad():
-        runtime.run(mbs, lambda out, t: (out.logp.sum() * 0, {}), forward_only=True, collect=keep)
 
 
 def run_rlvr(ctx: StageContext) -> StageResult:
@@ -139,7 +86,6 @@ def run_rlvr(ctx: StageContext) -> StageResult:
     client = make_client(ctx, runtime)
     reference = (PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, None, total_steps=1, seed=cfg.run.seed,
                                      trainable=False) if alg.kl_coef > 0 else None)
-    multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
     before = state.extra.get("eval_before")
     if before is None and ctx.stage.eval_every > 0:
         before = state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
@@ -158,50 +104,14 @@ def run_rlvr(ctx: StageContext) -> StageResult:
         advantages = compute_advantages(alg.advantage, rewards, group_ids)
         for s, a in zip(samples, advantages.tolist()):
             s["advantage"] = a
-        mbs = _micro_batches(samples, cfg.parallel.micro_batch_size, multiple)
-        _recompute(runtime, mbs, "old_logp")
-        if reference is not None:
-            _recompute(reference, mbs, "ref_logp")
-        timer.lap("logprobs")
-        metrics_sum: dict[str, float] = {}
-        per_mini = -(-len(mbs) // alg.mini_batches)
-        for _ in range(alg.ppo_epochs):
-            for start in range(0, len(mbs), per_mini):
-                mini = mbs[start:start + per_mini]
-                tok, seqs = _dp_sum([sum(m.num_tokens for m in mini),
-                                     sum(int(((m.tensors["targets"] != IGNORE_INDEX).sum(-1) > 0).sum()) for m in mini)])
-                counts = GlobalCounts(tokens=tok, seqs=seqs)
-
-                def loss_fn(out, t, counts=counts):
-                    mask = t["targets"] != IGNORE_INDEX
-                    loss, m = policy_loss(
-                        out.logp, t["old_logp"], t["advantages"], mask, alg.loss, alg.clip_low, alg.clip_high,
-                        alg.dual_clip, alg.loss_agg, counts=counts, norm_len=ro.max_new_tokens,
-                        ref_logp=t.get("ref_logp"), kl_coef=alg.kl_coef, kl_kind=alg.kl_kind,
-                        entropy=out.entropy, entropy_coef=alg.entropy_coef, backend=alg.loss_backend)
-                    ent = float((out.entropy.detach() * mask).sum())
-                    return loss, {"loss": float(loss.detach()), "tokens": float(m["tokens"]), "clipped": float(m["clipped"]),
-                                  "clipped_lower": float(m["clipped_lower"]), "approx_kl": float(m["neg_log_ratio"]),
-                                  "kl": float(m["kl"]), "entropy": ent}
-
-                runtime.optimizer.zero_grad()
-                for red in runtime.run(mini, loss_fn, with_entropy=True):
-                    for k, v in red.items():
-                        metrics_sum[k] = metrics_sum.get(k, 0.0) + v
-                pause_point("rlvr.update")
-                result = runtime.optimizer.step()
-        timer.lap("train")
+        metrics_sum, result = update_policy(cfg, runtime, samples, reference, timer, pause="rlvr.update")
         state.step += 1
         tokens = max(metrics_sum.get("tokens", 0.0), 1.0)
-        updates = alg.ppo_epochs * alg.mini_batches
         last = {
             "reward/mean": float(rewards.mean()), "reward/accuracy": sum(s["accuracy"] for s in samples) / len(samples),
             "response/length": sum(len(s["result"].response_ids) for s in samples) / len(samples),
             "filter/dropped_groups": float(dropped), "filter/rounds": float(rounds),
-            "loss": metrics_sum.get("loss", float("nan")) / updates, "clip_frac": metrics_sum.get("clipped", 0.0) / tokens,
-            "clip_frac_lower": metrics_sum.get("clipped_lower", 0.0) / tokens,
-            "approx_kl": metrics_sum.get("approx_kl", 0.0) / tokens, "kl": metrics_sum.get("kl", 0.0) / tokens,
-            "entropy": metrics_sum.get("entropy", 0.0) / tokens, "grad_norm": result.grad_norm, "lr": result.lr,
+            **update_metrics(cfg, metrics_sum, result),
             "sync/seconds": client.last_sync.get("seconds", 0.0), **timer.scalars(int(tokens)),
         }
         ctx.metrics.log("rlvr", state.step, last)

@@ -41,6 +41,9 @@ class StageContext:
     metrics: MetricsLogger
     dp_rank: int = 0
     dp_size: int = 1
+    # What earlier stages handed on besides their weights, by name (e.g. WARMUP's trained
+    # discriminator for ALIGN): collected by the pipeline from ``result.metrics["artifacts"]``.
+    artifacts: dict[str, str] = field(default_factory=dict)
 
     @property
     def out_dir(self) -> Path:

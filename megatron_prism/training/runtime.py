@@ -70,9 +70,7 @@ class PolicyRuntime:
             for c in chunks:
                 c.eval().requires_grad_(False)
             return cls(chunks, hf_config, hf_dir, None, head_backend)
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                use_distributed_optimizer=not cpu_compat.on_cpu())
-        chunks = [DistributedDataParallel(c.config, ddp_cfg, c) for c in chunks]
+        chunks = wrap_ddp(chunks)
         opt = PolicyOptimizer(chunks, optim, total_steps=total_steps, bf16=dtype == torch.bfloat16)
         return cls(chunks, hf_config, hf_dir, opt, head_backend)
 
@@ -91,11 +89,8 @@ class PolicyRuntime:
         ``collect(index, output)`` sees each micro-batch's head output on the last stage."""
         if not micro_batches:
             return []
-        vpp = len(self.chunks) > 1
-        iterators = [iter(range(len(micro_batches))) for _ in self.chunks] if vpp else iter(range(len(micro_batches)))
 
-        def forward_step(data_iterator, model):
-            index = next(data_iterator)
+        def forward_step(index, model):
             mb = micro_batches[index]
             head = HeadRequest(mb.tensors["targets"], with_entropy=with_entropy, backend=self.head_backend)
             out = model(mb.tensors["input_ids"], head=head, **mb.model_kwargs())
@@ -108,14 +103,37 @@ class PolicyRuntime:
 
             return out, loss_func
 
-        lengths = [mb.tensors["input_ids"].shape[1] for mb in micro_batches]
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators,
-            model=self.chunks if vpp else self.chunks[0],
-            num_microbatches=len(micro_batches),
-            seq_length=max(lengths),
-            micro_batch_size=micro_batches[0].tensors["input_ids"].shape[0],
-            forward_only=forward_only,
-        )
-        return list(out) if ps.is_pipeline_last_stage(ignore_virtual=True) else []
+        return forward_backward(self.chunks, forward_step, len(micro_batches),
+                                seq_length=max(mb.tensors["input_ids"].shape[1] for mb in micro_batches),
+                                micro_batch_size=micro_batches[0].tensors["input_ids"].shape[0],
+                                forward_only=forward_only)
+
+
+def wrap_ddp(chunks: list) -> list:
+    """megatron DDP around each model chunk (fp32 gradient buffers; the distributed optimizer on GPU)."""
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=not cpu_compat.on_cpu())
+    return [DistributedDataParallel(c.config, ddp_cfg, c) for c in chunks]
+
+
+def forward_backward(chunks: list, forward_step: Callable[[int, Any], tuple[Any, Callable]], num_micro_batches: int,
+                     *, seq_length: int, micro_batch_size: int, forward_only: bool) -> list[dict]:
+    """megatron's pipeline schedule over ``num_micro_batches``; ``forward_step(index, model)``
+    returns ``(output, loss_func)`` as megatron expects. Returns the loss functions' metrics dicts
+    on the last pipeline stage (an empty list elsewhere). Shared by the policy and the
+    discriminator runtimes."""
+    vpp = len(chunks) > 1
+    indices = [iter(range(num_micro_batches)) for _ in chunks] if vpp else iter(range(num_micro_batches))
+
+    def step(data_iterator, model):
+        return forward_step(next(data_iterator), model)
+
+    out = get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=indices,
+        model=chunks if vpp else chunks[0],
+        num_microbatches=num_micro_batches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return list(out) if ps.is_pipeline_last_stage(ignore_virtual=True) else []

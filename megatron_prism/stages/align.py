@@ -1,0 +1,163 @@
+"""ALIGN: the black-box on-policy distillation game between the policy and the discriminator.
+
+One step (PRISM's recipe, scripts/train/experiment/qwen3_vl_prism.sh):
+
+1. the policy samples ``align.samples_per_prompt`` responses per align prompt (``rollout.temperature``);
+2. the discriminator, in eval mode and without gradients, scores the caption and think+answer parts
+   of every response and of its prompt's teacher demonstration; responses that break the format
+   (no parts, :class:`PartFinder`) are invalid;
+3. advantage ``prism_game``: group-normalised clipped part scores weighted by
+   ``align.caption_weight``/``reasoning_weight``, minus ``invalid_penalty`` for invalid responses;
+4. ``align.disc_steps_per_policy_step`` Bradley-Terry steps of the discriminator on the same batch
+   (train mode: dropout and router noise on; ``align_lr``; score L2 ``discriminator.score_l2``;
+   no load-balancing loss, as PRISM's ALIGN critic update has none), each policy response paired
+   with its prompt's demonstration;
+5. the policy update of :mod:`.policy_update` (the RLVR machinery, ``algorithm.loss`` etc.), weight
+   sync to the engine at the start of the next step.
+
+Steps 4 and 5 both use the scores of step 2, so their order does not change the result; PRISM
+(verl) updates the critic first, as here.
+
+Checkpoints: the policy's under ``checkpoints/`` (``training.loop.save``) and the discriminator's
+under ``disc_checkpoints/`` at the same steps, the discriminator written first: a kill between the
+two leaves a policy checkpoint whose step's discriminator checkpoint exists (the last two are
+kept), and a resume loads the pair of the policy's step.
+
+Held-out figures (the align split's held-out records, one response each, fixed seed):
+``game_before`` (the starting policy judged by the starting discriminator), ``game_after`` (the
+aligned policy judged by the *starting* discriminator: did the policy learn to earn higher part
+scores from the judge it started against?) and ``game_after_final_disc`` (judged by the final one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from megatron_prism.algorithms import compute_advantages
+from megatron_prism.data.loader import load_split
+from megatron_prism.stages.common import input_processor, make_client, run_evaluation
+from megatron_prism.stages.discriminator_common import (
+    ARTIFACT, heldout_eval, pair_loss, pair_metrics, sample_pairs, split_heldout, split_scores,
+    starting_discriminator, train_figures,
+)
+from megatron_prism.stages.policy_update import rollout_seed, update_metrics, update_policy
+from megatron_prism.training import preemption
+from megatron_prism.training.checkpoint import latest_checkpoint
+from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime, optimizer_config
+from megatron_prism.training.loop import StageContext, StageResult, Throughput, save, start_or_resume
+from megatron_prism.training.metrics import progress
+from megatron_prism.training.runtime import PolicyRuntime
+
+log = logging.getLogger(__name__)
+
+
+def _judge(ctx: StageContext, path: Path, processor) -> DiscriminatorRuntime:
+    """A frozen discriminator (scoring only)."""
+    return DiscriminatorRuntime.build(path, ctx.cfg, processor.tokenizer, pad_id=processor.pad_id, optim=None,
+                                      total_steps=1, seed=ctx.cfg.run.seed)
+
+
+def run_align(ctx: StageContext) -> StageResult:
+    cfg, d, game, alg = ctx.cfg, ctx.cfg.discriminator, ctx.cfg.align, ctx.cfg.algorithm
+    started = time.time()
+    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient)
+    train, heldout = split_heldout(records)
+    steps = ctx.stage.steps
+    state = start_or_resume(ctx, train, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=2)
+    runtime = state.runtime
+    processor = input_processor(runtime.source, cfg.data)
+    hf = runtime.hf_config
+    client = make_client(ctx, runtime)
+    reference = (PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, None, total_steps=1, seed=cfg.run.seed,
+                                     trainable=False) if alg.kl_coef > 0 else None)
+    disc_root = ctx.out_dir / "disc_checkpoints"
+    start_disc = Path(state.extra["disc_start"]) if "disc_start" in state.extra else \
+        Path(ctx.artifacts.get(ARTIFACT) or starting_discriminator(ctx))
+    state.extra["disc_start"] = str(start_disc)
+    resume_disc = disc_root / f"step_{state.step:08d}" if state.step else None
+    disc_steps = steps * game.disc_steps_per_policy_step
+    disc = DiscriminatorRuntime.build(resume_disc / "model" if resume_disc else start_disc, cfg, processor.tokenizer,
+                                      pad_id=processor.pad_id, optim=optimizer_config(cfg, "align", disc_steps),
+                                      total_steps=disc_steps, seed=cfg.run.seed + 4)
+    if resume_disc is not None:
+        disc.load_state(resume_disc, rng=False)  # the RNGs came back with the policy checkpoint
+    if ctx.stage.eval_every > 0 and "eval_before" not in state.extra:
+        state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
+    if "game_before" not in state.extra:
+        client.sync(runtime)
+        state.extra["game_before"], _ = heldout_eval(ctx, disc, processor, client, hf, heldout, label="before",
+                                                     prefix="game/")
+
+    bar = progress(steps, state.step, "align")
+    last: dict[str, float] = {}
+    n = game.samples_per_prompt
+    while state.step < steps:
+        timer = Throughput()
+        runtime.train()
+        client.sync(runtime)
+        timer.lap("sync")
+        requests, results, teachers, policies = sample_pairs(
+            ctx, processor, client, hf, state.loader.next_batch(), n=n,
+            seed=rollout_seed(cfg.run.seed, 4, state.step, ctx.dp_rank), skips=skips)
+        timer.lap("rollout")
+        batches = disc.pair_batches(teachers, policies, cfg.parallel.micro_batch_size)
+        teacher_s, policy_s, valid, policy_valid = split_scores(disc.score(batches), batches)
+        scored = pair_metrics(teacher_s, policy_s, valid, policy_valid, score_clip=game.score_clip)
+        group_ids = [i // n for i in range(len(results))]
+        advantages = compute_advantages(
+            "prism_game", policy_s.double(), group_ids, invalid=~policy_valid,
+            weights=(game.caption_weight, game.reasoning_weight), invalid_penalty=game.invalid_penalty,
+            invalid_offset=game.invalid_offset, score_clip=game.score_clip, eps=game.eps)
+        timer.lap("score")
+        loss_fn = pair_loss(batches, score_l2=d.score_l2, part_reduction=d.align_part_reduction,
+                            score_clip=game.score_clip, fallback_coef=game.no_valid_fallback_coef)
+        for _ in range(game.disc_steps_per_policy_step):
+            disc_result, reduced = disc.train_step(batches, loss_fn, aux_loss=False)
+        moe = disc.load_balance()
+        timer.lap("disc")
+        samples = [{"request": q, "result": r, "advantage": float(a)}
+                   for q, r, a in zip(requests, results, advantages.tolist())]
+        metrics_sum, result = update_policy(cfg, runtime, samples, reference, timer, pause="align.update")
+        state.step += 1
+        tokens = max(metrics_sum.get("tokens", 0.0), 1.0)
+        last = {**scored, **train_figures(reduced), "disc/grad_norm": disc_result.grad_norm, "disc/lr": disc_result.lr,
+                **moe, "advantage/mean": float(advantages.mean()), "advantage/std": float(advantages.std()),
+                "response/length": sum(len(r.response_ids) for r in results) / max(len(results), 1),
+                **update_metrics(cfg, metrics_sum, result), "sync/seconds": client.last_sync.get("seconds", 0.0),
+                **timer.scalars(int(tokens))}
+        ctx.metrics.log("align", state.step, last)
+        bar.update(1)
+        bar.set_postfix(acc=f"{scored.get('disc/caption/acc', float('nan')):.2f}",
+                        invalid=f"{scored['disc/invalid_rate']:.2f}")
+        if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
+            ctx.metrics.log("align", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
+        saved = state.step % ctx.stage.save_every == 0 or state.step == steps
+        if saved:
+            disc.save(disc_root, state.step, {"stage": "align"})
+            save(ctx, state)
+        if preemption.should_stop():
+            if not saved:
+                disc.save(disc_root, state.step, {"stage": "align"})
+                save(ctx, state)
+            raise preemption.Preempted("align", state.step)
+    bar.close()
+    final = latest_checkpoint(ctx.checkpoint_root)
+    if final is None:
+        disc.save(disc_root, state.step, {"stage": "align"})
+        final = save(ctx, state)
+    final_disc = disc_root / final.name / "model"
+    client.sync(runtime)
+    after_final, pairs = heldout_eval(ctx, disc, processor, client, hf, heldout, label="after, final disc",
+                                      prefix="game/")
+    judge = _judge(ctx, start_disc, processor)
+    after, _ = heldout_eval(ctx, judge, processor, client, hf, heldout, label="after, starting disc", pairs=pairs,
+                            prefix="game/")
+    eval_after = run_evaluation(ctx, runtime, processor, label="after", client=client) if ctx.stage.eval_every > 0 else {}
+    client.shutdown()
+    return StageResult(stage="align", checkpoint=str(final), steps=state.step, wall_seconds=time.time() - started,
+                       metrics={"final": last, "eval_before": state.extra.get("eval_before", {}),
+                                "eval_after": eval_after, "game_before": state.extra["game_before"],
+                                "game_after": after, "game_after_final_disc": after_final,
+                                "skipped_records": dict(skips.counts), "artifacts": {ARTIFACT: str(final_disc)}})

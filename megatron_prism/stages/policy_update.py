@@ -1,0 +1,129 @@
+"""The policy-gradient update that RLVR and ALIGN share: samples with advantages -> micro-batches
+-> old (and reference) log-probs -> ``ppo_epochs`` x ``mini_batches`` optimizer steps with
+``policy_loss(variant=algorithm.loss)``. The stages differ only in where the advantages come from
+(verifiable rewards vs discriminator part scores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_prism.algorithms import policy_loss
+from megatron_prism.algorithms.aggregation import GlobalCounts
+from megatron_prism.config.schema import PrismConfig
+from megatron_prism.data.processing import IGNORE_INDEX
+from megatron_prism.training.faults import pause_point
+from megatron_prism.training.loop import Throughput
+from megatron_prism.training.optimizer import StepResult
+from megatron_prism.training.runtime import MicroBatch, PolicyRuntime
+
+
+def dp_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return t.tolist()
+
+
+def rollout_seed(*parts: int) -> int:
+    """A sampling seed from (run seed, step, round, dp rank, ...): the same on a resumed run."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+def micro_batches(samples: list[dict], size: int, multiple: int) -> list[MicroBatch]:
+    """Right-padded micro-batches of prompt + response with next-token targets on the response."""
+    out = []
+    for start in range(0, len(samples), size):
+        chunk = samples[start:start + size]
+        seqs = [s["request"].prompt_ids + s["result"].response_ids for s in chunk]
+        length = -(-max(map(len, seqs)) // multiple) * multiple
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length, dtype=torch.long)
+        targets = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
+        adv = torch.zeros(len(chunk), length)
+        pixels, grids = [], []
+        for row, (s, seq) in enumerate(zip(chunk, seqs)):
+            p = len(s["request"].prompt_ids)
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+            response = s["result"].response_ids
+            targets[row, p - 1:p - 1 + len(response)] = torch.tensor(response)
+            adv[row] = s["advantage"]
+            if s["request"].pixel_values is not None:
+                pixels.append(s["request"].pixel_values)
+                grids.append(s["request"].image_grid_thw)
+        tensors = {"input_ids": ids, "attention_mask": mask, "targets": targets, "advantages": adv,
+                   "pixel_values": torch.cat(pixels) if pixels else None,
+                   "image_grid_thw": torch.cat(grids) if grids else None}
+        out.append(MicroBatch(tensors, num_tokens=int((targets != IGNORE_INDEX).sum())))
+    return out
+
+
+def recompute(runtime: PolicyRuntime, mbs: list[MicroBatch], key: str) -> None:
+    """Fills ``tensors[key]`` with the runtime's log-probs of the targets (last stage only)."""
+    def keep(index, out):
+        mbs[index].tensors[key] = out.logp.detach().float()
+
+    with torch.no_grad():
+        runtime.run(mbs, lambda out, t: (out.logp.sum() * 0, {}), forward_only=True, collect=keep)
+
+
+def update_policy(cfg: PrismConfig, runtime: PolicyRuntime, samples: list[dict], reference: PolicyRuntime | None,
+                  timer: Throughput, *, pause: str) -> tuple[dict[str, float], StepResult]:
+    """The update of one step. ``samples``: dicts with ``request``, ``result`` and ``advantage``.
+    ``pause`` names the fault-injection point hit after each mini-batch's backward."""
+    alg, ro = cfg.algorithm, cfg.rollout
+    multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    mbs = micro_batches(samples, cfg.parallel.micro_batch_size, multiple)
+    recompute(runtime, mbs, "old_logp")
+    if reference is not None:
+        recompute(reference, mbs, "ref_logp")
+    timer.lap("logprobs")
+    metrics_sum: dict[str, float] = {}
+    per_mini = -(-len(mbs) // alg.mini_batches)
+    result = None
+    for _ in range(alg.ppo_epochs):
+        for start in range(0, len(mbs), per_mini):
+            mini = mbs[start:start + per_mini]
+            tok, seqs = dp_sum([sum(m.num_tokens for m in mini),
+                                sum(int(((m.tensors["targets"] != IGNORE_INDEX).sum(-1) > 0).sum()) for m in mini)])
+            counts = GlobalCounts(tokens=tok, seqs=seqs)
+
+            def loss_fn(out, t, counts=counts):
+                mask = t["targets"] != IGNORE_INDEX
+                loss, m = policy_loss(
+                    out.logp, t["old_logp"], t["advantages"], mask, alg.loss, alg.clip_low, alg.clip_high,
+                    alg.dual_clip, alg.loss_agg, counts=counts, norm_len=ro.max_new_tokens,
+                    ref_logp=t.get("ref_logp"), kl_coef=alg.kl_coef, kl_kind=alg.kl_kind,
+                    entropy=out.entropy, entropy_coef=alg.entropy_coef, backend=alg.loss_backend)
+                ent = float((out.entropy.detach() * mask).sum())
+                return loss, {"loss": float(loss.detach()), "tokens": float(m["tokens"]), "clipped": float(m["clipped"]),
+                              "clipped_lower": float(m["clipped_lower"]), "approx_kl": float(m["neg_log_ratio"]),
+                              "kl": float(m["kl"]), "entropy": ent}
+
+            runtime.optimizer.zero_grad()
+            for red in runtime.run(mini, loss_fn, with_entropy=True):
+                for k, v in red.items():
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + v
+            pause_point(pause)
+            result = runtime.optimizer.step()
+    timer.lap("train")
+    return metrics_sum, result
+
+
+def update_metrics(cfg: PrismConfig, metrics_sum: dict[str, float], result: StepResult) -> dict[str, Any]:
+    """The logged figures of one update (per-token means over the step's loss tokens)."""
+    alg = cfg.algorithm
+    tokens = max(metrics_sum.get("tokens", 0.0), 1.0)
+    updates = alg.ppo_epochs * alg.mini_batches
+    return {
+        "loss": metrics_sum.get("loss", float("nan")) / updates, "clip_frac": metrics_sum.get("clipped", 0.0) / tokens,
+        "clip_frac_lower": metrics_sum.get("clipped_lower", 0.0) / tokens,
+        "approx_kl": metrics_sum.get("approx_kl", 0.0) / tokens, "kl": metrics_sum.get("kl", 0.0) / tokens,
+        "entropy": metrics_sum.get("entropy", 0.0) / tokens, "grad_norm": result.grad_norm, "lr": result.lr,
+    }
