@@ -144,8 +144,12 @@ class DiscriminatorConfig:
     """The perception-reasoning discriminator and its optimisation (WARMUP and ALIGN stages).
 
     Defaults are PRISM's released recipe (github.com/XIAO4579/PRISM); each field names the file it
-    comes from. ``hf_dir``/``megatron_dir`` null: a tiny backbone built like the policy's tiny model
-    (PRISM upcycles a separate Qwen3-VL-2B-Instruct). ``mode``: ``routed`` (PRISM: caption and
+    comes from. ``megatron_dir``: a discriminator checkpoint
+    (``tools/upcycle_discriminator.py``) used as is; else ``hf_dir``: a Qwen3-VL backbone upcycled
+    at the start of WARMUP; with both null the policy checkpoint WARMUP starts from (the SFT
+    result, a backbone that already reads the task) is upcycled (PRISM upcycles a separate
+    Qwen3-VL-2B-Instruct). Upcycling writes ``<warmup>/discriminator_init`` with
+    ``upcycle_noise_std``; ALIGN starts from WARMUP's trained discriminator when WARMUP ran. ``mode``: ``routed`` (PRISM: caption and
     think+answer both go through the routed MoE, one score each), ``dedicated`` (a perception expert
     group scores the caption, a reasoning group think+answer), ablations ``dense`` (no MoE) and
     ``text-only`` (no image input).

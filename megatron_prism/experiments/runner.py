@@ -60,9 +60,7 @@ def check_stages_exist(arms: list[Arm]) -> None:
         missing = [s for s in arm.stages if s not in STAGES]
         if missing:
             raise NotImplementedError(
-                f"arm {arm.name!r} needs the stage(s) {', '.join(missing)}, which are not implemented yet (the "
-                f"discriminator WARMUP/ALIGN stages land with issue 7); run the arms that need only sft/rlvr/eval "
-                f"(baseline, align-data-as-sft) until then")
+                f"arm {arm.name!r} needs the stage(s) {', '.join(missing)}, which this installation does not have")
 
 
 def merge_splits(root: Path, splits: tuple[str, ...], dest: Path) -> Path:

@@ -104,7 +104,8 @@ def run_align(ctx: StageContext) -> StageResult:
         timer.lap("rollout")
         batches = disc.pair_batches(teachers, policies, cfg.parallel.micro_batch_size)
         teacher_s, policy_s, valid, policy_valid = split_scores(disc.score(batches), batches)
-        scored = pair_metrics(teacher_s, policy_s, valid, policy_valid, score_clip=game.score_clip)
+        scored = pair_metrics(teacher_s, policy_s, valid, policy_valid, score_clip=game.score_clip,
+                              weights=(game.caption_weight, game.reasoning_weight), invalid_offset=game.invalid_offset)
         group_ids = [i // n for i in range(len(results))]
         advantages = compute_advantages(
             "prism_game", policy_s.double(), group_ids, invalid=~policy_valid,

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 ARTIFACT = "discriminator"
 
 
+#: Responses per held-out record: a mean over several samples is a steadier figure than one sample.
+HELDOUT_SAMPLES = 4
+
+
 def heldout_size(n: int) -> int:
     return min(32, max(1, n // 5)) if n > 1 else 0
 
@@ -155,30 +159,50 @@ def split_scores(scores: Sequence[torch.Tensor], batches: Sequence[ScoreBatch]):
 
 
 def pair_metrics(teacher: torch.Tensor, policy: torch.Tensor, valid: torch.Tensor, policy_valid: torch.Tensor,
-                 *, score_clip: float | None, prefix: str = "disc/") -> dict[str, float]:
-    """Per part: accuracy (teacher above policy), gap, teacher and policy means (valid pairs), and
-    the policy's invalid rate. This rank's pairs."""
+                 *, score_clip: float | None, weights: tuple[float, float] = (0.5, 0.5), invalid_offset: float = 1.0,
+                 prefix: str = "disc/") -> dict[str, float]:
+    """Per part: accuracy (teacher above policy), gap, teacher and policy means (valid pairs); the
+    policy's invalid rate and :func:`game_objective`. This rank's pairs."""
     with torch.no_grad():
         _, m = bradley_terry_loss(teacher.double(), policy.double(), valid, score_clip=score_clip)
     keep = ("acc", "gap", "teacher_mean", "policy_mean")
     out = {f"{prefix}{k.split('/', 1)[1]}": v for k, v in m.items() if k.rsplit("/", 1)[-1] in keep}
     out[f"{prefix}invalid_rate"] = float((~policy_valid).float().mean()) if policy_valid.numel() else float("nan")
+    out[f"{prefix}objective"] = game_objective(policy, policy_valid, weights, invalid_offset, score_clip)
     return out
+
+
+def game_objective(policy: torch.Tensor, policy_valid: torch.Tensor, weights: tuple[float, float],
+                   invalid_offset: float, score_clip: float | None) -> float:
+    """What the policy's side of the game maximises, over a set of responses: the weighted clipped
+    part score, an invalid response counting as (the set's lowest valid score - ``invalid_offset``)
+    as ``prism_game`` treats it within a group. A mean over valid responses alone would hide a
+    policy that trades format errors for valid responses with lower scores."""
+    if not policy_valid.numel():
+        return float("nan")
+    s = policy.double().clamp(-score_clip, score_clip) if score_clip is not None else policy.double()
+    combined = s @ torch.tensor(weights, dtype=torch.float64)
+    floor = (combined[policy_valid].min() if policy_valid.any() else torch.tensor(0.0, dtype=torch.float64)) \
+        - invalid_offset
+    return float(torch.where(policy_valid, combined, floor).mean())
 
 
 def heldout_eval(ctx: StageContext, disc: DiscriminatorRuntime, processor: InputProcessor, client: RolloutClient,
                  hf_config, records: Sequence[Record], *, pairs=None, label: str, prefix: str = "heldout/"):
-    """Discriminator figures on the held-out pairs (fixed sampling seed, one response per record).
+    """Discriminator figures on the held-out pairs (fixed sampling seed, ``HELDOUT_SAMPLES``
+    responses per record at ``rollout.temperature``).
     ``pairs`` reuses earlier responses (teacher rows, policy rows) instead of sampling. Returns
     (figures, pairs)."""
     if not records:
         return {}, ([], [])
     if pairs is None:
-        _, _, teachers, policies = sample_pairs(ctx, processor, client, hf_config, records, n=1,
+        _, _, teachers, policies = sample_pairs(ctx, processor, client, hf_config, records, n=HELDOUT_SAMPLES,
                                                 seed=rollout_seed(ctx.cfg.run.seed, 7919))
         pairs = (teachers, policies)
     batches = disc.pair_batches(pairs[0], pairs[1], ctx.cfg.parallel.micro_batch_size)
-    out = pair_metrics(*split_scores(disc.score(batches), batches), score_clip=ctx.cfg.align.score_clip, prefix=prefix)
+    game = ctx.cfg.align
+    out = pair_metrics(*split_scores(disc.score(batches), batches), score_clip=game.score_clip, prefix=prefix,
+                       weights=(game.caption_weight, game.reasoning_weight), invalid_offset=game.invalid_offset)
     log.info("%s held-out discriminator (%s): %s", ctx.stage.name, label,
              ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in out.items()))
     return out, pairs

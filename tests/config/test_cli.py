@@ -23,6 +23,7 @@ SHORT = ["run.logger=none", "data.synth_sizes=sft=24,align=4,rl=8,eval=4", "stag
          "stages.sft.global_batch_size=4", "stages.sft.eval_every=0", "stages.rlvr.steps=1",
          "stages.rlvr.global_batch_size=2", "stages.rlvr.eval_every=0", "rollout.n=2", "rollout.max_new_tokens=16",
          "parallel.micro_batch_size=4"]
+NO_GAME = ["stages.warmup.enabled=false", "stages.align.enabled=false"]
 
 
 def _prism(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -35,7 +36,7 @@ def _prism(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 def test_run_writes_resolved_config_walks_stages_and_reports(tmp_path):
     out_dir = tmp_path / "run"
-    overrides = [f"run.output_dir={out_dir}", "optim.lr=1e-6", *SHORT]
+    overrides = [f"run.output_dir={out_dir}", "optim.lr=1e-6", *SHORT, *NO_GAME]
     proc = _prism("run", str(TINY), *overrides, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     started = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[prism] stage ")]
@@ -66,12 +67,41 @@ def test_run_writes_resolved_config_walks_stages_and_reports(tmp_path):
     assert again.stdout.count("already finished, skipped") == 3
 
 
-def test_unimplemented_stage_fails_before_anything_runs(tmp_path):
-    proc = _prism("run", str(TINY), f"run.output_dir={tmp_path}", *SHORT, "stages.warmup.enabled=true")
+def test_run_with_warmup_and_align_hands_the_discriminator_on(tmp_path):
+    """SFT -> WARMUP -> ALIGN -> EVAL, a few steps each: ALIGN starts from WARMUP's discriminator
+    and ends with a policy checkpoint and a discriminator of its own."""
+    out_dir = tmp_path / "run"
+    game = ["data.synth_sizes=sft=24,align=20,rl=8,eval=4", "stages.rlvr.enabled=false", "stages.warmup.steps=2",
+            "stages.warmup.global_batch_size=4", "stages.align.steps=2", "stages.align.global_batch_size=2",
+            "stages.align.eval_every=0", "stages.align.save_every=1", "align.samples_per_prompt=2"]
+    proc = _prism("run", str(TINY), f"run.output_dir={out_dir}", *SHORT, *game, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    started = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[prism] stage ")]
+    assert started == ["[prism] stage sft", "[prism] stage warmup", "[prism] stage align", "[prism] stage eval"]
+    report = json.loads((out_dir / "report.json").read_text())
+    by_stage = {s["stage"]: s for s in report["stages"]}
+    sft_ckpt = by_stage["sft"]["checkpoint"]
+    warm, align = by_stage["warmup"], by_stage["align"]
+    assert warm["checkpoint"] == sft_ckpt  # WARMUP trains the discriminator only
+    warm_disc = warm["metrics"]["artifacts"]["discriminator"]
+    assert align["metrics"]["final"] and "disc/caption/acc" in align["metrics"]["final"]
+    assert json.loads((out_dir / "align" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())[
+        "extra"]["disc_start"] == warm_disc
+    assert align["checkpoint"].startswith(str(out_dir / "align" / "checkpoints"))
+    from megatron_prism.models.discriminator import is_discriminator_checkpoint
+
+    assert is_discriminator_checkpoint(warm_disc) and is_discriminator_checkpoint(align["metrics"]["artifacts"]["discriminator"])
+    steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    align_steps = [r for r in steps if r["stage"] == "align" and "disc/invalid_rate" in r]
+    assert [r["step"] for r in align_steps] == [1, 2]
+    assert all(k in align_steps[0] for k in ("disc/grad_norm", "moe/max_over_mean_load", "advantage/mean", "loss"))
+
+
+def test_unknown_stage_is_one_line_before_anything_runs(tmp_path):
+    proc = _prism("run", str(TINY), f"run.output_dir={tmp_path}", *SHORT, "stages.warmupp.enabled=true")
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("prism: error: ") and "issue 7" in err[0], proc.stderr
-    assert "stages.warmup.enabled=false" in err[0]
+    assert len(err) == 1 and err[0].startswith("prism: error: ") and "did you mean 'stages.warmup" in err[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert "[prism] stage" not in proc.stdout
     assert not (tmp_path / "sft").exists() and not (tmp_path / "data").exists()

@@ -40,16 +40,10 @@ def test_arms_are_registered_and_parsed():
         parse_arms("baseline,baseline")
 
 
-def test_game_arms_fail_early_naming_issue_7():
-    from megatron_prism.pipeline import STAGES, _register_stages
+def test_every_arm_has_its_stages():
+    from megatron_prism.experiments.arms import ARMS
 
-    _register_stages()
-    if "warmup" in STAGES and "align" in STAGES:
-        pytest.skip("the WARMUP/ALIGN stages exist now")
-    with pytest.raises(NotImplementedError, match="issue 7") as err:
-        check_stages_exist(parse_arms("baseline,dense-disc"))
-    assert "dense-disc" in str(err.value)
-    check_stages_exist(parse_arms("baseline,align-data-as-sft"))  # these need only existing stages
+    check_stages_exist([ARMS.get(n) for n in ARMS.names()])  # the game arms included: WARMUP/ALIGN exist
 
 
 def test_merge_splits_keeps_images_and_prefixes_ids(tmp_path):
