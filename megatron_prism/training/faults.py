@@ -9,6 +9,9 @@ that point; if nobody does, it carries on. Points used by the stages:
     sft.step          SFT, after an optimizer step, before the step is counted and saved
     rlvr.rollout      RLVR, after the engine returned a round of rollouts
     rlvr.update       RLVR, after a mini-batch's backward, before its optimizer step
+    warmup.step       WARMUP, after the discriminator's optimizer step, before it is counted and saved
+    align.update      ALIGN, after a policy mini-batch's backward (the discriminator has already
+                      stepped), before the policy's optimizer step
     checkpoint.write  checkpoint save, after the model shard and rank_*.pt are in the temporary
                       directory, before the manifest, COMPLETE.json and the rename
 """
