@@ -133,7 +133,7 @@ def _normalised_report(run_dir: Path) -> list[dict]:
         stage.pop("wall_seconds")
         stage.pop("throughput", None)  # timing shares and tokens/s
         final = stage["metrics"].get("final", {})
-        for key in [k for k in final if k.startswith(("time/", "throughput/"))]:
+        for key in [k for k in final if k.startswith(("time/", "throughput/")) or k.endswith(("seconds", "_s"))]:
             del final[key]
     return stages
 
