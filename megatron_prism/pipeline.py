@@ -100,6 +100,9 @@ def run(cfg: PrismConfig) -> Path:
         raise NotImplementedError(
             f"stage(s) {', '.join(map(repr, missing))} not implemented; disable with {' '.join(f'stages.{n}.enabled=false' for n in missing)}")
     _register_stages()
+    from megatron_prism.training import preemption
+
+    preemption.install()  # SIGUSR1/SIGTERM (Slurm's warning before the time limit): checkpoint, exit 75
     p = cfg.parallel
     init_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, seed=cfg.run.seed)
     from megatron.core import parallel_state as ps
@@ -138,23 +141,56 @@ def run(cfg: PrismConfig) -> Path:
     return report
 
 
+def stage_throughput(run_dir: Path, stage: str) -> dict[str, float]:
+    """Whole-stage figures from the per-step scalars in ``metrics.jsonl`` (the last record of a
+    step wins, so steps redone after a resume count once): tokens/s over all steps and the share
+    of each phase (rollout, train, ...) of the step time."""
+    path = run_dir / "metrics.jsonl"
+    steps: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if rec.get("stage") == stage and "throughput/tokens_per_s" in rec:
+                steps[rec["step"]] = rec
+    phases: dict[str, float] = {}
+    tokens = 0.0
+    for rec in steps.values():
+        times = {k[len("time/"):-2]: v for k, v in rec.items() if k.startswith("time/") and k.endswith("_s")}
+        for k, v in times.items():
+            phases[k] = phases.get(k, 0.0) + v
+        tokens += rec["throughput/tokens_per_s"] * sum(times.values())
+    total = sum(phases.values())
+    if not total:
+        return {}
+    return {"tokens_per_s": tokens / total, **{f"{k}_share": v / total for k, v in phases.items()}}
+
+
 def write_report(run_dir: Path, cfg: PrismConfig, results: list[StageResult], wall: float) -> Path:
     """report.json (everything) and report.md (a table a person reads)."""
     md = run_dir / "report.md"
     if not _rank0():
         return md
+    throughput = {r.stage: stage_throughput(run_dir, r.stage) for r in results}
     data = {"config": str(run_dir / "config.yaml"), "wall_seconds_this_invocation": wall,
-            "stages": [r.to_json() for r in results]}
+            "stages": [{**r.to_json(), "throughput": throughput[r.stage]} for r in results]}
     (run_dir / "report.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    ro = cfg.rollout
+    protocol = (f"mean over {ro.val_n} samples per item at temperature {ro.val_temperature:g}, pass@{ro.val_n} beside it"
+                if ro.val_temperature > 0 and ro.val_n > 1 else "greedy decoding")
     lines = ["# PRISM run report", "", f"Run directory: `{run_dir}`", "",
-             "| stage | steps | wall s | held-out accuracy before | after | format after | skipped records |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"Held-out accuracy: the eval split, {protocol}.", "",
+             "| stage | steps | wall s | accuracy before | after | pass@k after | format after | tokens/s | rollout share "
+             "| skipped records |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in results:
-        before = r.metrics.get("eval_before", {}).get("eval/accuracy")
-        after = r.metrics.get("eval_after", {}).get("eval/accuracy")
-        fmt = r.metrics.get("eval_after", {}).get("eval/format")
+        before, after = r.metrics.get("eval_before", {}), r.metrics.get("eval_after", {})
+        pass_k = next((v for k, v in after.items() if k.startswith("eval/pass@")), None)
+        tp = throughput[r.stage]
+        speed = (f"{tp['tokens_per_s']:.0f}", f"{tp.get('rollout_share', 0.0):.2f}") if tp else ("-", "-")
         skipped = sum(r.metrics.get("skipped_records", {}).values())
-        show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {r.stage} | {r.steps} | {r.wall_seconds:.0f} | {show(before)} | {show(after)} | {show(fmt)} | {skipped} |")
+        lines.append(f"| {r.stage} | {r.steps} | {r.wall_seconds:.0f} | {show(before.get('eval/accuracy'))} "
+                     f"| {show(after.get('eval/accuracy'))} | {show(pass_k)} | {show(after.get('eval/format'))} "
+                     f"| {speed[0]} | {speed[1]} | {skipped} |")
     md.write_text("\n".join(lines) + "\n")
     return md

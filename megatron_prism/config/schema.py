@@ -95,7 +95,12 @@ class OptimizerConfig:
 @dataclass
 class RolloutConfig:
     """How responses are sampled. ``embedded`` is the in-process engine that runs anywhere,
-    including on a CPU; ``gpu_memory_fraction`` only matters to a colocated GPU engine."""
+    including on a CPU; ``gpu_memory_fraction`` only matters to a colocated GPU engine.
+
+    ``val_n`` / ``val_temperature`` are the held-out evaluation's sampling (verl's
+    ``val_kwargs``): ``val_temperature: 0`` is greedy; with ``val_n`` samples per item at a
+    temperature the reported accuracy is the mean over samples (pass@1 estimated from ``val_n``
+    samples, as DeepSeek-R1 and DAPO report it) and pass@``val_n`` is logged beside it."""
 
     engine: str = "embedded"
     n: int = 8
@@ -104,6 +109,8 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 512
     gpu_memory_fraction: float = 0.5
+    val_n: int = 1
+    val_temperature: float = 0.0
 
 
 @dataclass

@@ -145,16 +145,20 @@ def make_client(ctx, runtime) -> RolloutClient:
 
 def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, client: RolloutClient | None = None,
                    max_items: int = 200) -> dict[str, float]:
-    """Greedy accuracy and format rate of the current policy on the held-out split."""
+    """Accuracy and format rate of the current policy on the held-out split, sampled as
+    ``rollout.val_n`` / ``rollout.val_temperature`` say (greedy by default): accuracy is the mean
+    over all samples, pass@n the fraction of items with at least one right sample."""
+    ro = ctx.cfg.rollout
     records, skips = load_split(ctx.split_path("eval") if ctx.stage.name == "eval" else ctx.data_root / "eval",
                                 "eval", strict=not ctx.cfg.data.lenient)
     records = records[:max_items]
     own_client = client is None
-    client = client or RolloutClient(ctx.cfg.rollout.engine, runtime.source, _hf_weights_dir(ctx))
+    client = client or RolloutClient(ro.engine, runtime.source, _hf_weights_dir(ctx))
+    n = ro.val_n if ro.val_temperature > 0 else 1  # greedy samples would all be the same
     try:
         client.sync(runtime)
         requests, kept = prompt_requests(processor, records, skips)
-        sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=ctx.cfg.rollout.max_new_tokens,
+        sampling = SamplingParams(n=n, temperature=ro.val_temperature, max_new_tokens=ro.max_new_tokens,
                                   stop_ids=[processor.im_end_id], seed=ctx.cfg.run.seed,
                                   banned_ids=banned_ids(processor, runtime.hf_config))
         results = client.generate(requests, sampling)
@@ -162,12 +166,15 @@ def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, clien
         if own_client:
             client.shutdown()
     responses = decode_responses(processor, results)
-    scored = score(ctx.cfg.algorithm.reward, responses, kept)
+    expanded = [rec for rec in kept for _ in range(n)]
+    scored = score(ctx.cfg.algorithm.reward, responses, expanded)
     accuracy = [float(getattr(s, "details", {}).get("accuracy", float(s))) for s in scored]
     fmt = [float(get_reward("format")(r)) for r in responses]
-    n = max(len(kept), 1)
-    out = {f"eval/accuracy": sum(accuracy) / n, f"eval/format": sum(fmt) / n, f"eval/reward": sum(map(float, scored)) / n,
-           f"eval/items": float(len(kept))}
-    log.info("%s eval (%s): accuracy %.3f, format %.3f over %d items", ctx.stage.name, label,
-             out["eval/accuracy"], out["eval/format"], len(kept))
+    total = max(len(responses), 1)
+    solved = [max(accuracy[i * n:(i + 1) * n], default=0.0) for i in range(len(kept))]
+    out = {"eval/accuracy": sum(accuracy) / total, "eval/format": sum(fmt) / total,
+           "eval/reward": sum(map(float, scored)) / total, "eval/items": float(len(kept)),
+           f"eval/pass@{n}": sum(solved) / max(len(kept), 1)}
+    log.info("%s eval (%s): accuracy %.3f, format %.3f over %d items x %d samples (T=%g)", ctx.stage.name, label,
+             out["eval/accuracy"], out["eval/format"], len(kept), n, ro.val_temperature if n > 1 else 0.0)
     return out

@@ -36,9 +36,9 @@ def test_tiny_example_loads_with_every_stage_in_order():
     cfg = load_config(TINY, [])
     assert (cfg.parallel.tp, cfg.parallel.pp) == (1, 1)
     assert cfg.rollout.engine == "embedded"
-    # warmup/align (issue 7) are listed but disabled in the embedded default
+    # the embedded default runs the whole PRISM pipeline
     assert list(cfg.stages) == list(STAGE_ORDER)
-    assert [s.name for s in cfg.enabled_stages()] == ["sft", "rlvr", "eval"]
+    assert [s.name for s in cfg.enabled_stages()] == list(STAGE_ORDER)
     assert cfg.run.output_dir == "outputs/tiny"
 
 
@@ -117,7 +117,7 @@ def test_later_override_wins():
 
 
 def test_nested_stage_overrides():
-    cfg = load_config(TINY, ["stages.sft.steps=10", "stages.align.enabled=true", "stages.eval.output_dir=x/e"])
+    cfg = load_config(TINY, ["stages.sft.steps=10", "stages.warmup.enabled=false", "stages.eval.output_dir=x/e"])
     assert cfg.stages["sft"].steps == 10
     assert cfg.stages["eval"].output_dir == "x/e"
     assert [s.name for s in cfg.enabled_stages()] == ["sft", "align", "rlvr", "eval"]

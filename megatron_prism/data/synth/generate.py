@@ -2,7 +2,8 @@
 
 Layout of ``out_dir``::
 
-    sft/data.jsonl    sft/images/00000.png ...    terse demonstrations, easier items
+    sft/data.jsonl    sft/images/00000.png ...    terse demonstrations, easier items, 30 % of them
+                                                  ending in a wrong answer (a teacher's slip)
     align/data.jsonl  align/images/...            dense demonstrations, harder items
     rl/data.jsonl     rl/images/...               answers only, full range of difficulty
     eval/data.jsonl   eval/images/...             answers only, none equal to a training item
@@ -34,11 +35,11 @@ from typing import Any
 from megatron_prism.data.chat import PRISM_SYSTEM_PROMPT, render_prompt, render_response
 from megatron_prism.data.records import IMAGE_MARKER, ImageRef, Record, write_jsonl
 from megatron_prism.data.synth.questions import QTYPES, Question, sample_question, teacher_response
-from megatron_prism.data.synth.scenes import SCENE_MAKERS, Scene, render_scene, save_png, scene_key
+from megatron_prism.data.synth.scenes import COLORS, SCENE_MAKERS, Scene, render_scene, save_png, scene_key
 from megatron_prism.data.synth.tokenizer import (DEFAULT_VOCAB_SIZE, TAG_TOKENS, check_tokenizer,
                                                  save_tokenizer, special_token_ids, train_tokenizer)
 
-GENERATOR_VERSION = "prism-synth-1"
+GENERATOR_VERSION = "prism-synth-2"
 SOURCE = "prism-synth"
 SPLITS = ("sft", "align", "rl", "eval")
 TRAIN_SPLITS = ("sft", "align", "rl")
@@ -69,12 +70,16 @@ class SplitProfile:
     n_objects: dict[str, tuple[int, int]]  # scene kind -> (min, max) objects
     kind_weights: dict[str, float] = field(default_factory=lambda: {"shapes": 2.0, "bars": 1.0, "digits": 1.0})
     qtype_weights: dict[str, float] = field(default_factory=dict)  # default weight 1
+    # Fraction of demonstrations whose final answer is wrong although caption and reasoning are
+    # right, as in public SFT corpora (transcription slips, mislabelled items). Imitation copies
+    # the slip; a verifiable reward (RLVR) and high-fidelity demonstrations (ALIGN) correct it.
+    answer_noise: float = 0.0
 
 
 _HARD = {"more_than": 3.0, "most_color": 2.0, "count_color_shape": 2.0, "top2_sum": 2.0, "bar_diff": 2.0,
          "bar_total": 2.0, "digit_range": 2.0, "digit_count_gt": 2.0, "digit_sum": 2.0}
 PROFILES: dict[str, SplitProfile] = {
-    "sft": SplitProfile("terse", {"shapes": (2, 5), "bars": (3, 4), "digits": (2, 3)}),
+    "sft": SplitProfile("terse", {"shapes": (2, 5), "bars": (3, 4), "digits": (2, 3)}, answer_noise=0.3),
     "align": SplitProfile("dense", {"shapes": (4, 7), "bars": (4, 5), "digits": (3, 4)}, qtype_weights=_HARD),
     "rl": SplitProfile(None, {"shapes": (2, 7), "bars": (3, 5), "digits": (2, 4)}),
     "eval": SplitProfile(None, {"shapes": (2, 7), "bars": (3, 5), "digits": (2, 4)}),
@@ -105,6 +110,20 @@ def split_rng(seed: int, split: str) -> random.Random:
 def _weighted(rng: random.Random, weights: dict[str, float]) -> str:
     names = sorted(weights)
     return rng.choices(names, weights=[weights[n] for n in names])[0]
+
+
+def _noise_rng(seed: int, split: str, index: int) -> random.Random:
+    """A stream of its own for the teacher's slips, so adding them leaves the items unchanged."""
+    digest = hashlib.sha256(f"{GENERATOR_VERSION}:{seed}:{split}:slip:{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A plausible slip: a count or value off by one, or another colour."""
+    if answer.isdigit():
+        value = int(answer)
+        return str(value + 1 if value == 0 or rng.random() < 0.5 else value - 1)
+    return rng.choice([c for c in COLORS if c != answer])
 
 
 def sample_item(rng: random.Random, profile: SplitProfile, sizes: SynthSizes) -> tuple[Scene, Question]:
@@ -149,12 +168,18 @@ def make_split(out_dir: Path, split: str, seed: int, sizes: SynthSizes,
         image_path = split_dir / "images" / f"{index:05d}.png"
         save_png(render_scene(scene), image_path)
         meta: dict[str, Any] = {"scene": scene, "qtype": q.qtype, "params": q.params, "split": split}
+        response = None
         if profile.style:
             meta["style"] = profile.style
+            slip = _noise_rng(seed, split, index)
+            written = q.answer
+            if slip.random() < profile.answer_noise:
+                written = wrong_answer(q.answer, slip)
+                meta["teacher_slip"] = written  # the answer the demonstration states (q.answer is the truth)
+            response = teacher_response(scene, q, profile.style, answer=written)
         records.append(Record(
             id=f"synth-{split}-{index:05d}", images=[ImageRef(path=image_path)],
-            prompt=f"{IMAGE_MARKER}\n{q.text}", answer=q.answer, source=SOURCE, meta=meta,
-            response=teacher_response(scene, q, profile.style) if profile.style else None,
+            prompt=f"{IMAGE_MARKER}\n{q.text}", answer=q.answer, source=SOURCE, meta=meta, response=response,
         ))
     write_jsonl(records, split_dir / "data.jsonl")
     return records, keys

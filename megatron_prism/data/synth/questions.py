@@ -285,10 +285,12 @@ def _core_steps(scene: Scene, q: Question) -> str:
     return f"{', '.join(big)} {verb} greater than {p['k']}. So {a}."
 
 
-def teacher_response(scene: Scene, q: Question, style: str) -> str:
-    """The teacher's demonstration in PRISM's ``<caption><think><answer>`` layout."""
+def teacher_response(scene: Scene, q: Question, style: str, answer: str | None = None) -> str:
+    """The teacher's demonstration in PRISM's ``<caption><think><answer>`` layout; ``answer``
+    replaces the true answer in the ``<answer>`` part (a teacher's slip)."""
+    answer = q.answer if answer is None else answer
     if style == "terse":
-        return format_response(_terse_caption(scene, q), _core_steps(scene, q), q.answer)
+        return format_response(_terse_caption(scene, q), _core_steps(scene, q), answer)
     if style == "dense":
-        return format_response(dense_caption(scene), f"{_select_step(scene, q)} {_core_steps(scene, q)}", q.answer)
+        return format_response(dense_caption(scene), f"{_select_step(scene, q)} {_core_steps(scene, q)}", answer)
     raise ValueError(f"unknown style {style!r}; use one of {STYLES}")
