@@ -21,7 +21,8 @@ from megatron_prism.stages.common import (
 )
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
-from megatron_prism.training.loop import StageContext, StageResult, Throughput, save, start_or_resume
+from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, save,
+                                          start_or_resume)
 from megatron_prism.training.metrics import progress
 from megatron_prism.stages.policy_update import dp_sum, rollout_seed, update_metrics, update_policy
 from megatron_prism.training.runtime import PolicyRuntime
@@ -119,8 +120,7 @@ def run_rlvr(ctx: StageContext) -> StageResult:
         bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['reward/accuracy']:.2f}")
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("rlvr", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
-        if state.step % ctx.stage.save_every == 0 or state.step == steps:
-            save(ctx, state)
+        checkpoint_or_stop(ctx, state, steps)
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root) or save(ctx, state)
     after = run_evaluation(ctx, runtime, processor, label="after", client=client) if ctx.stage.eval_every > 0 else {}

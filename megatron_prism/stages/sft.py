@@ -23,7 +23,8 @@ from megatron_prism.data.records import RecordError
 from megatron_prism.stages.common import input_processor, run_evaluation
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
-from megatron_prism.training.loop import StageContext, StageResult, Throughput, save, start_or_resume
+from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, save,
+                                          start_or_resume)
 from megatron_prism.training.metrics import progress
 from megatron_prism.training.runtime import MicroBatch
 
@@ -104,8 +105,7 @@ def run_sft(ctx: StageContext) -> StageResult:
         bar.set_postfix(loss=f"{last['loss']:.3f}")
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("sft", state.step, run_evaluation(ctx, runtime, processor, label="during"))
-        if state.step % ctx.stage.save_every == 0 or state.step == steps:
-            save(ctx, state)
+        checkpoint_or_stop(ctx, state, steps)
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root) or save(ctx, state)
     after = run_evaluation(ctx, runtime, processor, label="after") if ctx.stage.eval_every > 0 else {}

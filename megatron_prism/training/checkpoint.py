@@ -149,7 +149,9 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed write
             tmp.mkdir()
         _barrier()
-        shard = _model_shard(chunks, hf_config)
+        # Data-parallel replicas hold the same weights: only DP rank 0 writes them (two replicas
+        # writing one file name would also list each tensor twice in the manifest).
+        shard = _model_shard(chunks, hf_config) if ps.get_data_parallel_rank() == 0 else {}
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         shard_name = mf.shard_file(tp_rank, pp_rank)
         if shard:

@@ -203,6 +203,10 @@ class DiscriminatorRuntime:
             (root / (ckpt.LATEST + ".tmp")).replace(root / ckpt.LATEST)
             ckpt._prune(root, keep_last)
         _barrier()
+        # The config/tokenizer files of later saves come from the newest checkpoint, never from
+        # one that pruning may delete (e.g. the checkpoint a resumed run was built from).
+        for chunk in self.chunks:
+            getattr(chunk, "module", chunk).hf_files_dir = final / "model" / "hf"
         return final
 
     def load_state(self, path: Path, *, rng: bool = True) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_prism.config.schema import PrismConfig, StageConfig
 from megatron_prism.data.loader import ShardedLoader
+from megatron_prism.models.conversion.hf_io import copy_non_weight_files
 from megatron_prism.training import checkpoint as ckpt
 from megatron_prism.training.metrics import MetricsLogger
 from megatron_prism.training.runtime import PolicyRuntime
@@ -114,13 +116,28 @@ def start_or_resume(ctx: StageContext, items: list, *, total_steps: int, seed_of
     return TrainingState(runtime, loader, int(loaded.trainer_state["step"]), loaded.trainer_state.get("extra", {}))
 
 
+def stage_hf_files(ctx: StageContext, source: Path) -> Path:
+    """The config/tokenizer files every checkpoint of the stage carries, copied once into the
+    stage directory. Copying them from the runtime's source instead breaks after a resume: the
+    source is then a checkpoint of this stage, which ``keep_last`` pruning deletes."""
+    stable = ctx.out_dir / "hf_files"
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not (stable / "config.json").is_file():
+        tmp = ctx.out_dir / ".tmp-hf_files"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        copy_non_weight_files(Path(source), tmp)
+        shutil.rmtree(stable, ignore_errors=True)
+        tmp.rename(stable)
+    return stable
+
+
 def save(ctx: StageContext, state: TrainingState, *, keep_last: int = 2) -> Path:
     """Collective checkpoint of everything a resume needs."""
     trainer_state = {"stage": ctx.stage.name, "step": state.step, "loader": state.loader.state_dict(),
                      "extra": state.extra}
     return ckpt.save_checkpoint(
         ctx.checkpoint_root, state.step, chunks=state.runtime.chunks, hf_config=state.runtime.hf_config,
-        hf_files_dir=state.runtime.source, optimizer_state=state.runtime.optimizer.state_dict(),
+        hf_files_dir=stage_hf_files(ctx, state.runtime.source), optimizer_state=state.runtime.optimizer.state_dict(),
         trainer_state=trainer_state, keep_last=keep_last,
     )
 
@@ -142,3 +159,17 @@ class Throughput:
         out = {f"time/{k}_s": v for k, v in self.marks.items()}
         out["throughput/tokens_per_s"] = tokens / total
         return out
+
+
+def checkpoint_or_stop(ctx: StageContext, state: TrainingState, steps: int) -> None:
+    """After a step: checkpoint when one is due, and on a preemption request (signal or stop
+    file, see ``training.preemption``) make sure this step is saved, then exit with status 75."""
+    from megatron_prism.training import preemption
+
+    due = state.step % ctx.stage.save_every == 0 or state.step == steps
+    if due:
+        save(ctx, state)
+    if preemption.should_stop():
+        if not due:
+            save(ctx, state)
+        raise preemption.Preempted(ctx.stage.name, state.step)

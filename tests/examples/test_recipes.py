@@ -85,7 +85,7 @@ def test_8b_recipe_refuses_small_gpus(tmp_path):
 
 # ---- the real one-node Slurm ------------------------------------------------------------------------
 
-TINY_OVERRIDES = ("run.logger=none stages.sft.steps=3 stages.sft.save_every=1 stages.sft.global_batch_size=4 "
+TINY_OVERRIDES = ("run.logger=none stages.sft.steps=6 stages.sft.save_every=1 stages.sft.global_batch_size=4 "
                   "stages.sft.eval_every=0 stages.rlvr.steps=2 stages.rlvr.save_every=1 stages.rlvr.global_batch_size=2 "
                   "stages.rlvr.eval_every=0 rollout.n=4 rollout.max_new_tokens=32 parallel.micro_batch_size=4 "
                   "optim.warmup_steps=0 parallel.tp=2")  # TP=2 x DP=1 over the 2 tasks (see the report on DP>1 checkpoints)
