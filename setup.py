@@ -39,7 +39,7 @@ setup(
         "math-verify[antlr4_13_2]>=0.7",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "scipy"],  # scipy: reference for the t-distribution tail
         # GPU runs. apex is not listed: where its fused kernels are wanted it is built from source
         # against the installed torch/CUDA (its PyPI name is an unrelated package).
         "gpu": ["transformer-engine[pytorch]", "sglang", "flash-attn"],

@@ -82,7 +82,9 @@ def run_align(ctx: StageContext) -> StageResult:
                                       pad_id=processor.pad_id, optim=optimizer_config(cfg, "align", disc_steps),
                                       total_steps=disc_steps, seed=cfg.run.seed + 4)
     if resume_disc is not None:
-        disc.load_state(resume_disc, rng=False)  # the RNGs came back with the policy checkpoint
+        # The RNGs again, from the discriminator's rank file (saved at the same point as the
+        # policy's): building the discriminator after the policy's restore reseeded and consumed them.
+        disc.load_state(resume_disc, rng=True)
     if ctx.stage.eval_every > 0 and "eval_before" not in state.extra:
         state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
     if "game_before" not in state.extra:

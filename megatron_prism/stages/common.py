@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
@@ -81,7 +82,11 @@ class RolloutClient:
             weights = {n: t.detach().clone() for n, t in export_hf_weights(runtime.chunks, runtime.hf_config,
                                                                              dst_rank_only=True)}
             if is_export_destination():
-                self.engine = ENGINES.get("embedded")(weights, config=self.config_dir)
+                # Building the engine's model draws random initial weights (then replaced): keep
+                # that off the training RNG, or a resumed run, which creates its engine later than
+                # the uninterrupted one, would draw different dropout masks afterwards.
+                with torch.random.fork_rng(devices=[]):
+                    self.engine = ENGINES.get("embedded")(weights, config=self.config_dir)
             self.last_sync = {"seconds": time.perf_counter() - start}
             return self.last_sync
         if self.engine is None and is_export_destination():

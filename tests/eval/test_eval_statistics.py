@@ -165,12 +165,9 @@ def test_hallusion_question_and_figure_accuracy(tmp_path):
     assert "hallusion: aAcc 60.00" in report.table()
 
 
-# ------------------------------------------------------------------- with the real rewards (if present)
+# ------------------------------------------------------------------- with the real rewards
 
 def test_real_rewards_on_prism_responses(tmp_path):
-    rewards = pytest.importorskip("megatron_prism.rewards")
-    if not hasattr(rewards, "score_batch") or not hasattr(rewards, "get_reward"):
-        pytest.skip("megatron_prism.rewards has no get_reward/score_batch yet")
     from megatron_prism.eval import RewardScorer
 
     write_mathvista_parquet(tmp_path / "mv")
