@@ -10,7 +10,7 @@ task generated with 64 alignment records (the last 12 are held out by both stage
   the *same* discriminator ALIGN started from (WARMUP's): the weighted part scores with invalid
   responses counted below the lowest valid one (``discriminator_common.game_objective``).
 
-And the 2-rank TP=2 run of WARMUP + ALIGN finishes (torchrun, gloo) with finite figures.
+And the 2-rank TP=2 and EP=2 runs of WARMUP + ALIGN finish (torchrun, gloo) with finite figures.
 """
 
 from __future__ import annotations
@@ -66,15 +66,18 @@ def test_short_game_raises_the_policys_standing_with_the_starting_discriminator(
     assert len(align) == 12 and all(math.isfinite(r["disc/grad_norm"]) and r["disc/grad_norm"] > 0 for r in align)
 
 
-def test_warmup_and_align_at_tp2(warm, tmp_path):
-    run_dir = tmp_path / "tp2"
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.ep=2"])
+def test_warmup_and_align_on_two_ranks(warm, tmp_path, layout):
+    """TP=2 (the MoE discriminator with sequence parallelism) and EP=2 (DP=2 for the policy, the
+    discriminator's experts split over the two ranks) in the same processes as the policy."""
+    run_dir = tmp_path / "two_ranks"
     root = warm.data_root
     run_prism(run_dir, *warm.overrides(), "stages.sft.enabled=false", "stages.rlvr.enabled=false",
               "stages.eval.enabled=false", "stages.warmup.enabled=true", "stages.align.enabled=true",
               f"stages.warmup.data_path={root / 'sft'}", f"stages.align.data_path={root / 'sft'}",
               "stages.warmup.steps=2", "stages.warmup.global_batch_size=4", "stages.align.steps=2",
               "stages.align.global_batch_size=2", "align.samples_per_prompt=2", "stages.align.eval_every=0",
-              "rollout.max_new_tokens=32", "parallel.tp=2", "parallel.micro_batch_size=4", nproc=2, timeout=400)
+              "rollout.max_new_tokens=32", layout, "parallel.micro_batch_size=4", nproc=2, timeout=400)
     m = _result(run_dir, "align")
     assert m["final"] and math.isfinite(m["final"]["disc/grad_norm"]) and math.isfinite(m["final"]["grad_norm"])
     assert _result(run_dir, "warmup")["heldout_after"]

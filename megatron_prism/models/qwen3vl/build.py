@@ -12,7 +12,7 @@ from megatron_prism.models.errors import CheckpointError
 from megatron_prism.models.qwen3vl.config import LayoutOptions, check_layout, transformer_config
 from megatron_prism.models.qwen3vl.model import Qwen3VLPolicy
 from megatron_prism.parallel import cpu_compat
-from megatron_prism.parallel.state import init_parallel
+from megatron_prism.parallel.state import current_layout, init_parallel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,7 +55,12 @@ def build_policy(
         dtype = _DTYPES[dtype]
     hf_config, source, _ = open_source(hf_dir)
     check_layout(hf_config, tp, pp, vpp)
-    layout = init_parallel(tp=tp, pp=pp, vpp=vpp, seed=seed)
+    # The policy has no experts, so the expert-parallel size is not its to choose: keep the one
+    # the job set up (a discriminator with EP > 1 shares these process groups in one process).
+    from megatron.core import parallel_state as ps
+
+    ep = current_layout().ep if ps.model_parallel_is_initialized() else 1
+    layout = init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, seed=seed)
     options = LayoutOptions(
         tp=tp, pp=pp, vpp=vpp, sequence_parallel=sequence_parallel, dtype=dtype,
         recompute=recompute, backend=_backend(backend),
