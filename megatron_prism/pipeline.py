@@ -192,5 +192,38 @@ def write_report(run_dir: Path, cfg: PrismConfig, results: list[StageResult], wa
         lines.append(f"| {r.stage} | {r.steps} | {r.wall_seconds:.0f} | {show(before.get('eval/accuracy'))} "
                      f"| {show(after.get('eval/accuracy'))} | {show(pass_k)} | {show(after.get('eval/format'))} "
                      f"| {speed[0]} | {speed[1]} | {skipped} |")
+    lines += discriminator_table(results)
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+# (stage, before key, after key, prefix): WARMUP judges the fixed policy with the discriminator
+# before/after training it; ALIGN judges the policy before/after the game with the discriminator
+# it started from (the policy's side of the game).
+_GAME_FIGURES = (("warmup", "heldout_before", "heldout_after", "heldout/"),
+                 ("align", "game_before", "game_after", "game/"))
+
+
+def _num(value) -> str:
+    """A figure for the table; ``-`` when there is none (e.g. accuracy with no valid response)."""
+    return "-" if value is None or value != value else f"{value:.3f}"
+
+
+def discriminator_table(results: list[StageResult]) -> list[str]:
+    """report.md rows for the discriminator stages: held-out part accuracy (teacher scored above
+    the policy), part-score gap, invalid-response rate and the game objective, before -> after."""
+    rows = []
+    for r in results:
+        for stage, before_key, after_key, prefix in _GAME_FIGURES:
+            before, after = r.metrics.get(before_key), r.metrics.get(after_key)
+            if r.stage != stage or not before or not after:
+                continue
+            pair = lambda k: f"{_num(before.get(prefix + k))} -> {_num(after.get(prefix + k))}"  # noqa: E731
+            rows.append(f"| {stage} | {pair('caption/acc')} | {pair('reasoning/acc')} | {pair('caption/gap')} "
+                        f"| {pair('reasoning/gap')} | {pair('invalid_rate')} | {pair('objective')} |")
+    if not rows:
+        return []
+    return ["", "Discriminator stages, on held-out alignment prompts (WARMUP: the discriminator before -> after "
+            "training; ALIGN: the policy before -> after the game, judged by the discriminator ALIGN started from):", "",
+            "| stage | caption acc | reasoning acc | caption gap | reasoning gap | invalid rate | game objective |",
+            "| --- | --- | --- | --- | --- | --- | --- |", *rows]

@@ -95,6 +95,11 @@ def test_run_with_warmup_and_align_hands_the_discriminator_on(tmp_path):
     align_steps = [r for r in steps if r["stage"] == "align" and "disc/invalid_rate" in r]
     assert [r["step"] for r in align_steps] == [1, 2]
     assert all(k in align_steps[0] for k in ("disc/grad_norm", "moe/max_over_mean_load", "advantage/mean", "loss"))
+    md = (out_dir / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines()[md.splitlines().index(
+        "| stage | caption acc | reasoning acc | caption gap | reasoning gap | invalid rate | game objective |"):]
+        if line.startswith("| ") and "->" in line}
+    assert set(rows) == {"warmup", "align"} and "nan" not in rows["warmup"] + rows["align"]
 
 
 def test_unknown_stage_is_one_line_before_anything_runs(tmp_path):
