@@ -248,7 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     # these notices only bury the run's output and the one-line errors below them.
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed", category=UserWarning)
     warnings.filterwarnings("ignore", message=r"Apex is not installed", category=UserWarning)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    finally:
+        if args.command in ("run", "eval"):  # the commands that set up process groups
+            from megatron_prism.parallel.state import shutdown_parallel
+
+            shutdown_parallel()
 
 
 if __name__ == "__main__":

@@ -113,3 +113,17 @@ def init_parallel(
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()
+
+
+def shutdown_parallel() -> None:
+    """Tear megatron's groups and the process group down before the interpreter exits: a gloo
+    group left alive has its worker threads destroyed during interpreter teardown, which aborts
+    the process now and then ("terminate called without an active exception", exit -6) after
+    all the work is done."""
+    if not dist.is_initialized():
+        return
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    dist.destroy_process_group()

@@ -138,23 +138,32 @@ def _normalised_report(run_dir: Path) -> list[dict]:
     return stages
 
 
-def test_sbatch_requeue_mid_stage_resumes_and_reports_the_same(slurm, tiny_inputs, tmp_path):
-    # The uninterrupted reference, through the same script and the same Slurm.
-    ref_out = tmp_path / "reference"
+@pytest.fixture(scope="module")
+def reference_run(slurm, tiny_inputs, tmp_path_factory) -> Path:
+    """The uninterrupted reference, through the same script and the same Slurm."""
+    ref_out = tmp_path_factory.mktemp("recipe") / "reference"
     ref_job = _submit(slurm, tiny_inputs, ref_out)
     _wait_state(slurm, ref_job, {"COMPLETED"}, 240, Path(f"{ref_out}.log"))
+    return ref_out
 
-    out = tmp_path / "requeued"
-    job = _submit(slurm, tiny_inputs, out)
-    log = Path(f"{out}.log")
-    deadline = time.monotonic() + 180
-    interrupted = None
-    while interrupted is None:  # the middle of a training stage: a checkpoint written, no result yet
+
+def _wait_mid_stage(out: Path, log: Path, timeout: float = 180) -> str:
+    """The middle of a training stage: a checkpoint written, no result yet."""
+    deadline = time.monotonic() + timeout
+    while True:
         assert time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else "no log"
         for stage in ("sft", "rlvr"):
             if (out / "run" / stage / "checkpoints" / "latest").exists() and not (out / "run" / stage / "result.json").exists():
-                interrupted = stage
+                return stage
         time.sleep(0.1)
+
+
+def test_sbatch_requeue_mid_stage_resumes_and_reports_the_same(slurm, tiny_inputs, reference_run, tmp_path):
+    ref_out = reference_run
+    out = tmp_path / "requeued"
+    job = _submit(slurm, tiny_inputs, out)
+    log = Path(f"{out}.log")
+    interrupted = _wait_mid_stage(out, log)
     slurm.run("scontrol", "requeue", job)
     _wait_state(slurm, job, {"PENDING", "REQUEUED", "RUNNING"}, 60, log)
     slurm.run("scontrol", "update", f"jobid={job}", "starttime=now")
@@ -170,3 +179,26 @@ def test_sbatch_requeue_mid_stage_resumes_and_reports_the_same(slurm, tiny_input
     assert re.search(rf"{interrupted}: resumed from .*/{interrupted}/checkpoints/step_0*[1-9]", second), second[-3000:]
     assert (out / "hf_final" / ".prism_export_complete").exists()
     assert _normalised_report(out / "run") == _normalised_report(ref_out / "run")
+
+
+def test_sbatch_usr1_before_the_time_limit_checkpoints_requeues_and_finishes_the_same(slurm, tiny_inputs,
+                                                                                     reference_run, tmp_path):
+    """Slurm's warning signal (``--signal=B:USR1@300`` in the script; sent here with ``scancel
+    --batch --signal=USR1``) makes the batch shell touch the stop file, the trainer checkpoint at
+    the end of its step and exit 75, and the script requeue itself; the job comes back, resumes
+    and ends with the uninterrupted run's report."""
+    out = tmp_path / "signalled"
+    job = _submit(slurm, tiny_inputs, out)
+    log = Path(f"{out}.log")
+    _wait_mid_stage(out, log)
+    slurm.run("scancel", "--batch", "--signal=USR1", job)
+    _wait_state(slurm, job, {"PENDING", "REQUEUED"}, 120, log)  # the script requeued itself
+    slurm.run("scontrol", "update", f"jobid={job}", "starttime=now")
+    info = _wait_state(slurm, job, {"COMPLETED"}, 240, log)
+    assert int(info.get("Restarts", "0")) >= 1
+
+    text = log.read_text()
+    first, second = text.split("restart 1:", 1)
+    assert "SIGUSR1" in first and "stop requested: the trainer checkpointed" in first
+    assert re.search(r"(sft|rlvr): resumed from .*/checkpoints/step_0*[1-9]", second), second[-3000:]
+    assert _normalised_report(out / "run") == _normalised_report(reference_run / "run")
