@@ -175,17 +175,9 @@ def save_checkpoint(
             f"({error}); "
             f"{'the previous checkpoint ' + str(previous) + ' is intact' if previous else 'no earlier checkpoint exists'}"
         )
-    gathered = [None] * dist.get_world_size() if dist.is_initialized() else [written]
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, written)
+    weight_map = mf.gather_weight_map(written)
     if rank == 0:
         try:
-            weight_map: dict[str, list[str]] = {}
-            for part in gathered:
-                for name, file in part.items():
-                    weight_map.setdefault(name, []).append(file)
-            for name in weight_map:
-                weight_map[name].sort()  # TP shards in rank order (file names sort by rank)
             cfg = _unwrap(chunks[0]).config
             (tmp / mf.HF_SUBDIR).mkdir()
             copy_non_weight_files(Path(hf_files_dir), tmp / mf.HF_SUBDIR)

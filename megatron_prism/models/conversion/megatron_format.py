@@ -35,6 +35,22 @@ def shard_file(tp_rank: int, pp_rank: int) -> str:
     return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}.safetensors"
 
 
+def gather_weight_map(written: dict[str, str]) -> dict[str, list[str]]:
+    """Collective: every rank's ``{tensor name: shard file}`` merged into the manifest's weight
+    map, each tensor's files in file-name order (= TP rank order: the order they concatenate in)."""
+    import torch.distributed as dist
+
+    gathered: list = [written]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, written)
+    weight_map: dict[str, list[str]] = {}
+    for part in gathered:
+        for name, file in part.items():
+            weight_map.setdefault(name, []).append(file)
+    return {name: sorted(files) for name, files in weight_map.items()}
+
+
 def is_megatron_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 

@@ -139,19 +139,13 @@ def save_discriminator(chunks: list, out: str | Path) -> Path:
     if shard:
         save_file(shard, str(tmp / name), metadata={"format": "pt"})
     written = {n: name for n in shard}
-    gathered = [None] * dist.get_world_size() if dist.is_initialized() else [written]
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, written)
+    weight_map = mf.gather_weight_map(written)
     if rank == 0:
         try:
-            weight_map: dict[str, list[str]] = {}
-            for part in gathered:
-                for n, f in part.items():
-                    weight_map.setdefault(n, []).append(f)
             cfg = first.config
             meta = {"spec": first.spec.to_dict(), "initialised": [], "origin": "saved from a trained model"}
             _write_manifest(tmp, first.hf_config, first.hf_files_dir, tp=cfg.tensor_model_parallel_size,
-                            pp=cfg.pipeline_model_parallel_size, files=[f for p in gathered for f in p.values()],
+                            pp=cfg.pipeline_model_parallel_size, files=sorted({f for fs in weight_map.values() for f in fs}),
                             weight_map=weight_map, meta=meta, fingerprint="saved discriminator")
             _commit(tmp, out)
         except BaseException:
