@@ -35,7 +35,7 @@ def run_pipeline(cfg: PrismConfig) -> int:
 
     try:
         report = run(cfg)
-    except (CheckpointError, NotImplementedError, FileNotFoundError) as exc:
+    except (CheckpointError, FileNotFoundError) as exc:
         _err(str(exc))
         return 2
     print(f"[prism] report: {report} and {report.with_suffix('.json')}")
@@ -102,7 +102,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
                               overrides=args.overrides, k=args.k, temperature=args.temperature,
                               benchmarks=dict(item.split("=", 1) for item in args.benchmark), launcher=args.launcher)
         js, md = run_experiment(spec)
-    except (ConfigError, UnknownNameError, NotImplementedError, FileNotFoundError, ValueError, ExperimentError) as exc:
+    except (ConfigError, UnknownNameError, FileNotFoundError, ValueError, ExperimentError) as exc:
         _err(str(exc))
         return 2
     print(md.read_text())

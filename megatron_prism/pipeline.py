@@ -95,10 +95,6 @@ def run(cfg: PrismConfig) -> Path:
     """Runs the enabled stages; returns the path of report.md."""
     from megatron_prism.parallel.state import init_parallel
 
-    missing = [s.name for s in cfg.enabled_stages() if s.name not in STAGE_FUNCTIONS]
-    if missing:  # checked before anything runs, so a long run cannot fail at its third stage
-        raise NotImplementedError(
-            f"stage(s) {', '.join(map(repr, missing))} not implemented; disable with {' '.join(f'stages.{n}.enabled=false' for n in missing)}")
     _register_stages()
     from megatron_prism.training import preemption
 

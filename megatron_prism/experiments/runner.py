@@ -52,15 +52,15 @@ class ExperimentSpec:
 
 
 def check_stages_exist(arms: list[Arm]) -> None:
-    """Fails before anything runs when an arm needs a stage the pipeline does not have yet."""
+    """Fails before anything runs when an arm names a stage the pipeline does not have."""
     from megatron_prism.pipeline import STAGES, _register_stages
 
     _register_stages()
     for arm in arms:
         missing = [s for s in arm.stages if s not in STAGES]
         if missing:
-            raise NotImplementedError(
-                f"arm {arm.name!r} needs the stage(s) {', '.join(missing)}, which this installation does not have")
+            raise ValueError(f"arm {arm.name!r} needs the stage(s) {', '.join(missing)}, which the pipeline does not have "
+                             f"(stages: {', '.join(STAGES.names())})")
 
 
 def merge_splits(root: Path, splits: tuple[str, ...], dest: Path) -> Path:

@@ -71,9 +71,11 @@ class Qwen3VLWeights:
 
         tc = config.text_config
         if getattr(tc, "attention_bias", False):
-            raise NotImplementedError("the embedded engine has no q/k/v/o biases (Qwen3-VL has none)")
+            raise ValueError("config.json sets attention_bias: the embedded engine has no q/k/v/o biases (Qwen3-VL "
+                             "has none); use rollout.engine=sglang or vllm for this model")
         if tc.hidden_act != "silu":
-            raise NotImplementedError(f"hidden_act {tc.hidden_act!r}: the embedded engine implements SwiGLU (silu)")
+            raise ValueError(f"config.json sets hidden_act {tc.hidden_act!r}: the embedded engine implements SwiGLU "
+                             "(silu) only; use rollout.engine=sglang or vllm for this model")
         kw = dict(device=device, dtype=dtype)
         self.tied = bool(config.tie_word_embeddings)
         h, heads, kvh = tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads
