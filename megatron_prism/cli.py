@@ -143,8 +143,7 @@ def _cmd_megatron_to_hf(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     """Layout + memory planner (torch-free unless the config uses the built-in tiny model)."""
-    from megatron_prism.plan import Assumptions
-    from megatron_prism.plan_report import PlanError, run_plan
+    from megatron_prism.plan import Assumptions, PlanError, run_plan
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -22,19 +22,20 @@ from megatron_prism.rewards.base import (
     RewardStats,
     answer_text,
     extract_answer_block,
-    get_reward,
+    lookup_reward,
     register_reward,
     reset_reward_stats,
     reward_stats,
 )
-from megatron_prism.rewards.pool import PooledReward, RewardPool, get_pool, score_batch, shutdown_pool
+from megatron_prism.rewards.pool import PooledReward, RewardPool, get_pool, shutdown_pool
 from megatron_prism.rewards.math_reward import math_verify_reward
 from megatron_prism.rewards.simple import choice_reward, format_reward, numeric_reward, yesno_reward
 from megatron_prism.rewards.combined import CombinedReward, combined_reward
+from megatron_prism.rewards.resolve import get_reward, score_batch
 
 __all__ = [
     "REWARDS", "STATS", "CombinedReward", "PooledReward", "RewardPool", "RewardResult", "RewardStats",
     "answer_text", "choice_reward", "combined_reward", "extract_answer_block", "format_reward",
-    "get_pool", "get_reward", "math_verify_reward", "numeric_reward", "register_reward",
+    "get_pool", "get_reward", "lookup_reward", "math_verify_reward", "numeric_reward", "register_reward",
     "reset_reward_stats", "reward_stats", "score_batch", "shutdown_pool", "yesno_reward",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -58,16 +58,11 @@ def register_reward(name: str) -> Callable[[Any], Any]:
     return REWARDS.register(name)
 
 
-def get_reward(name_or_spec: str | Mapping[str, Any]) -> RewardFn:
-    """The reward registered as ``name``, or a combined reward built from a spec mapping.
-
-    An unknown name raises ``UnknownNameError`` naming the nearest registered one.
-    """
-    if isinstance(name_or_spec, Mapping):
-        from megatron_prism.rewards.combined import combined_reward
-
-        return combined_reward(name_or_spec)
-    return REWARDS.get(name_or_spec)
+def lookup_reward(name: str) -> RewardFn:
+    """The reward registered as ``name``; an unknown name raises ``UnknownNameError`` naming the
+    nearest registered one. (Spec mappings are resolved one layer up, in ``rewards.resolve``, so
+    that this module imports nothing of the package's rewards.)"""
+    return REWARDS.get(name)
 
 
 class RewardStats:

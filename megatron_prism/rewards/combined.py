@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_prism.rewards.base import RewardResult, get_reward, register_reward
+from megatron_prism.rewards.base import RewardResult, lookup_reward, register_reward
 from megatron_prism.rewards.pool import PooledReward, score_batch
 
 _SPEC_KEYS = frozenset({"accuracy", "weights", "format_gated", "format"})
@@ -29,7 +29,7 @@ _WEIGHT_KEYS = frozenset({"accuracy", "format"})
 
 
 def _resolve(reward: str | Callable[..., RewardResult]) -> Callable[..., RewardResult]:
-    return get_reward(reward) if isinstance(reward, str) else reward
+    return lookup_reward(reward) if isinstance(reward, str) else reward
 
 
 @dataclass(frozen=True)

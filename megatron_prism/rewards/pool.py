@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from megatron_prism.rewards.base import STATS, RewardResult, get_reward
+from megatron_prism.rewards.base import STATS, RewardResult, lookup_reward
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _ALL_POOLS: weakref.WeakSet[RewardPool] = weakref.WeakSet()
@@ -296,19 +296,19 @@ def unpooled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn.impl if isinstance(fn, PooledReward) else fn
 
 
-def score_batch(name_or_fn: str | Mapping[str, Any] | Callable[..., Any], responses: Sequence[str],
+def score_batch(name_or_fn: str | Callable[..., Any], responses: Sequence[str],
                 answers: Sequence[str], *, timeout_s: float = 5.0, workers: int = 2,
                 item_kwargs: Sequence[Mapping[str, Any]] | None = None,
                 **kw: Any) -> list[RewardResult]:
     """Score a batch in parallel in the process-wide pool, each item under ``timeout_s``.
 
-    ``name_or_fn`` is a registered name, a combined-reward spec, or a picklable callable
+    ``name_or_fn`` is a registered name or a picklable callable
     ``(response, answer, **kw) -> RewardResult | float``. ``kw`` goes to every item and
     ``item_kwargs[i]`` (e.g. ``{"options": [...]}``) to item ``i``. A timed-out item scores 0
     with ``timed_out=True``; a failing one 0 with ``error`` set; both are counted in ``STATS``.
     Rewards with their own ``score_batch`` (combined rewards) are delegated to it.
     """
-    fn = get_reward(name_or_fn) if isinstance(name_or_fn, (str, Mapping)) else name_or_fn
+    fn = lookup_reward(name_or_fn) if isinstance(name_or_fn, str) else name_or_fn
     if hasattr(fn, "score_batch"):
         return fn.score_batch(responses, answers, timeout_s=timeout_s, workers=workers,
                               item_kwargs=item_kwargs, **kw)

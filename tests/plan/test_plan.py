@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from megatron_prism.config import load_config
-from megatron_prism.plan import GiB, Layout, Workload, estimate, stage_params
-from megatron_prism.plan_shapes import PRESETS, shape_from_hf_config
+from megatron_prism.plan.memory import GiB, Layout, Workload, estimate, stage_params
+from megatron_prism.plan.shapes import PRESETS, shape_from_hf_config
 
 ROOT = Path(__file__).resolve().parents[2]
 Q8 = PRESETS["qwen3vl-8b"]

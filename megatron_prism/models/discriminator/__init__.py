@@ -5,6 +5,7 @@ router.py      PartAwareRouter: megatron's TopKRouter + per-token parts (dedicat
 model.py       Qwen3VLDiscriminator: the policy backbone without LM head + score head -> [b, 2]
 mapping.py     parameter names/shapes (experts, router, head) for the reshardable checkpoint format
 upcycle.py     dense MLP -> experts, router/head init
+manifest.py    what marks a checkpoint as a discriminator (its manifest block)
 checkpoint.py  open / write (upcycle) / save (from a trained model) discriminator checkpoints
 build.py       build_discriminator
 parts.py       caption / think+answer boundaries from token ids (PartFinder)
@@ -13,11 +14,8 @@ batch.py       ScoreItem rows -> ScoreBatch (3-D MRoPE positions, part labels, s
 
 from megatron_prism.models.discriminator.batch import ScoreBatch, ScoreItem, VisionTokens, make_score_batch
 from megatron_prism.models.discriminator.build import build_discriminator
-from megatron_prism.models.discriminator.checkpoint import (
-    is_discriminator_checkpoint,
-    save_discriminator,
-    upcycle_to_checkpoint,
-)
+from megatron_prism.models.discriminator.checkpoint import save_discriminator, upcycle_to_checkpoint
+from megatron_prism.models.discriminator.manifest import is_discriminator_checkpoint
 from megatron_prism.models.discriminator.model import Qwen3VLDiscriminator
 from megatron_prism.models.discriminator.parts import PartFinder, ResponseParts
 from megatron_prism.models.discriminator.spec import MODES, DiscriminatorSpec

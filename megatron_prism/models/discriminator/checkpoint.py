@@ -26,18 +26,12 @@ from safetensors.torch import save_file
 from megatron_prism.models.conversion import megatron_format as mf
 from megatron_prism.models.conversion.convert import _commit, _prepare_output
 from megatron_prism.models.conversion.hf_io import copy_non_weight_files
+from megatron_prism.models.discriminator.manifest import BLOCK, is_discriminator_checkpoint
 from megatron_prism.models.discriminator.mapping import HEAD, discriminator_maps, expert_index
 from megatron_prism.models.discriminator.spec import DiscriminatorSpec
 from megatron_prism.models.discriminator.upcycle import UpcycleSource, backbone_source
 from megatron_prism.models.errors import CheckpointError
 from megatron_prism.models.qwen3vl.config import read_hf_config
-
-BLOCK = "discriminator"
-
-
-def is_discriminator_checkpoint(path: str | Path) -> bool:
-    return mf.is_megatron_checkpoint(path) and BLOCK in mf.read_manifest(path)
-
 
 def open_discriminator(path: str | Path):
     """(hf_config, spec, weight source, hf-files dir, metadata) of a discriminator checkpoint."""

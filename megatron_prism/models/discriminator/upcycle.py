@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from megatron_prism.models.conversion.mapping import ParamMap
+from megatron_prism.models.discriminator.manifest import is_discriminator_checkpoint
 from megatron_prism.models.discriminator.mapping import HEAD, dense_mlp_hf_names
 from megatron_prism.models.discriminator.spec import DiscriminatorSpec
 from megatron_prism.models.errors import CheckpointError
@@ -83,7 +84,6 @@ class UpcycleSource:
 def backbone_source(path: str | Path):
     """(hf_config, dense source, hf-files dir) of a plain Qwen3-VL backbone; refuses a discriminator."""
     from megatron_prism.models.conversion.convert import open_source
-    from megatron_prism.models.discriminator.checkpoint import is_discriminator_checkpoint
 
     if is_discriminator_checkpoint(path):
         raise CheckpointError(f"{path}: already a discriminator checkpoint; upcycle a plain Qwen3-VL backbone "

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from megatron_prism.config.schema import PrismConfig
-from megatron_prism.plan import Assumptions, Estimate, GiB, HEADROOM_GIB, Layout, Workload, choose, estimate, steps_per_hour
-from megatron_prism.plan_shapes import PRESETS, ModelShape, PlanError, resolve_policy_shape, shape_from_hf_config, tiny_shape
+from megatron_prism.plan.memory import Assumptions, Estimate, GiB, HEADROOM_GIB, Layout, Workload, choose, estimate, steps_per_hour
+from megatron_prism.plan.shapes import PRESETS, ModelShape, PlanError, resolve_policy_shape, shape_from_hf_config, tiny_shape
 
 
 def discriminator_shape(cfg: PrismConfig) -> ModelShape | None:

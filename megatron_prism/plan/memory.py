@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from megatron_prism.plan_shapes import PRESETS, ModelShape, PlanError
+from megatron_prism.plan.shapes import PRESETS, ModelShape, PlanError
 
 GiB = 1024 ** 3
 HEADROOM_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
