@@ -94,7 +94,7 @@ def test_model_output_is_never_executed(tmp_path: Path, reward: str) -> None:
     responses = [PRISM.format(t.format(p=target)) for t in INJECTIONS]
     fn = get_reward(reward)
     singles = [fn(r, "4") for r in responses]
-    batch = score_batch(reward, responses, ["4"] * len(responses), timeout_s=5.0)
+    batch = score_batch(reward, responses, ["4"] * len(responses), timeout_s=30.0)  # generous: this test is about injection, not speed
     assert not target.exists()
     # math_format keeps its 0.2 for the (correct) layout; the accuracy part is 0 everywhere.
     expected = 0.2 if reward == "math_format" else 0.0
