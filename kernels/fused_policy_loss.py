@@ -41,7 +41,15 @@ STAT_NAMES: tuple[str, ...] = (
 )
 _NUM_COLS = 1 + len(STAT_NAMES)  # loss + stats
 _COL_MAX, _COL_MIN = 1 + STAT_NAMES.index("ratio_max"), 1 + STAT_NAMES.index("ratio_min")
-KL_KINDS: dict[str, int] = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "k3+": 4}
+# KL estimator names (verl's), each -> (the kernel's value formula, straight-through k2 gradient?).
+# A trailing "+" keeps the estimator's value and takes the gradient of k2 = (logp - ref)^2 / 2,
+# i.e. logp - ref (verl's ``kl_penalty``): the expected gradient of k1 or k3 over sampled tokens is
+# not the gradient of the KL (for k1 it is zero), k2's is.
+_KL_FORMULAS: dict[str, tuple[int, bool]] = {
+    "k1": (0, False), "abs": (1, False), "k2": (2, False), "k3": (3, False),
+    "k1+": (0, True), "abs+": (1, True), "k3+": (3, True),
+}
+KL_KINDS: tuple[str, ...] = tuple(_KL_FORMULAS)
 
 BLOCK: int = 1024  # tokens per program
 # triton.jit picks the interpreter at decoration time (this module's import) from this variable
@@ -97,27 +105,36 @@ def _check_args(
     if dual_clip is not None and not (dual_clip > 1.0 and math.isfinite(dual_clip)):
         raise ValueError(f"dual_clip must be a finite number > 1 (or None), got {dual_clip}")
     if kl_kind not in KL_KINDS:
-        raise ValueError(f"unknown kl_kind {kl_kind!r}; expected one of {sorted(KL_KINDS)}")
+        raise ValueError(f"unknown kl_kind {kl_kind!r}; expected one of {', '.join(KL_KINDS)}")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Pure-torch reference
 # ----------------------------------------------------------------------------------------------------
 def kl_reference(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimators, Schulman (2020) "Approximating KL divergence" (verl names)."""
-    if kind == "k1":  # k1 = log pi - log ref: unbiased, high variance
-        return logp - ref_logp
-    if kind == "abs":
-        return (logp - ref_logp).abs()
-    if kind == "k2":  # k2 = 0.5 * (log pi - log ref)^2: low variance, biased
-        return 0.5 * (logp - ref_logp).square()
-    # k3 = r - log r - 1 with r = ref / pi: unbiased, low variance, >= 0 ("low_var_kl"), clamped twice
-    d = torch.clamp(ref_logp - logp, min=-_KL_DIFF_CLAMP, max=_KL_DIFF_CLAMP)
-    k3 = torch.clamp(torch.exp(d) - d - 1, min=-_KL_VALUE_CLAMP, max=_KL_VALUE_CLAMP)
-    if kind == "k3":
-        return k3
-    k1 = logp - ref_logp  # "k3+": value of k3, gradient of k1 (straight-through)
-    return k1 + (k3 - k1).detach()
+    """Per-token KL(pi || ref) estimators, Schulman (2020) "Approximating KL divergence" (verl names).
+
+    ``kind`` ending in ``+`` (``k1+``, ``abs+``, ``k3+``): the value of the named estimator with the
+    gradient of ``k2``, ``d/dlogp = logp - ref`` (verl's straight-through ``kl_penalty``)."""
+    if kind not in _KL_FORMULAS:
+        raise ValueError(f"unknown kl_kind {kind!r}; expected one of {', '.join(KL_KINDS)}")
+    x = logp - ref_logp
+    base = kind.rstrip("+")
+    if base == "k1":  # k1 = log pi - log ref: unbiased, high variance
+        value = x
+    elif base == "abs":
+        value = x.abs()
+    elif base == "k2":  # k2 = 0.5 * (log pi - log ref)^2: low variance, biased
+        value = 0.5 * x.square()
+    else:
+        # k3 = r - log r - 1 with r = ref / pi: unbiased, low variance, >= 0 ("low_var_kl"),
+        # clamped twice as verl does
+        d = torch.clamp(ref_logp - logp, min=-_KL_DIFF_CLAMP, max=_KL_DIFF_CLAMP)
+        value = torch.clamp(torch.exp(d) - d - 1, min=-_KL_VALUE_CLAMP, max=_KL_VALUE_CLAMP)
+    if not kind.endswith("+"):
+        return value
+    k2 = 0.5 * x.square()  # straight-through: value of ``value``, gradient of k2
+    return k2 + (value - k2).detach()
 
 
 def _masked_extreme(x: torch.Tensor, keep: torch.Tensor, fill: float, op) -> torch.Tensor:
@@ -196,6 +213,7 @@ def _policy_loss_kernel(
     n_tokens, T,
     ratio_lo, ratio_hi, dual_clip, kl_coef,
     SEQ_MODE: tl.constexpr, DUAL_CLIP: tl.constexpr, HAS_KL: tl.constexpr, KL_KIND: tl.constexpr,
+    KL_ST: tl.constexpr,
     WRITE_GRAD: tl.constexpr, NUM_COLS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -265,12 +283,12 @@ def _policy_loss_kernel(
             e = tl.exp(d)
             k_raw = e - d - 1.0
             kl = tl.minimum(tl.maximum(k_raw, -10.0), 10.0)
-            if KL_KIND == 3:  # dk/dlogp = (e^d - 1) * dd/dlogp, dd/dlogp = -1, times both clamp masks
-                in_d = (d_raw >= -20.0) & (d_raw <= 20.0)
-                in_k = (k_raw >= -10.0) & (k_raw <= 10.0)
-                g_kl = tl.where(in_d & in_k, 1.0 - e, 0.0)
-            else:  # k3+: straight-through gradient of k1
-                g_kl = tl.full([BLOCK], 1.0, tl.float32)
+            # dk/dlogp = (e^d - 1) * dd/dlogp, dd/dlogp = -1, times both clamp masks
+            in_d = (d_raw >= -20.0) & (d_raw <= 20.0)
+            in_k = (k_raw >= -10.0) & (k_raw <= 10.0)
+            g_kl = tl.where(in_d & in_k, 1.0 - e, 0.0)
+        if KL_ST:  # "+" kinds (verl): the value above, the gradient of k2 = 0.5 * x^2
+            g_kl = x
         loss_tok = pg + kl_coef * kl
         g_loss = g_loss + kl_coef * g_kl
     else:
@@ -322,7 +340,8 @@ def _launch(
         seq_c, ref_c, grad if write_grad else logp_c, partials,
         n, max(T, 1),
         float(1.0 - clip_low), float(1.0 + clip_high), float(dual_clip or 0.0), float(kl_coef),
-        SEQ_MODE=seq_mode, DUAL_CLIP=dual_clip is not None, HAS_KL=has_kl, KL_KIND=KL_KINDS[kl_kind],
+        SEQ_MODE=seq_mode, DUAL_CLIP=dual_clip is not None, HAS_KL=has_kl, KL_KIND=_KL_FORMULAS[kl_kind][0],
+        KL_ST=_KL_FORMULAS[kl_kind][1],
         WRITE_GRAD=write_grad, NUM_COLS=_NUM_COLS, BLOCK=BLOCK,
     )
     sums = partials.to(torch.float64).sum(dim=0)  # fixed-order reduction: deterministic
@@ -367,7 +386,8 @@ def fused_policy_loss(
             None = token-level ratios.
         ref_logp, kl_coef, kl_kind: KL-to-reference penalty ``kl_coef * kl`` added per token when
             ``ref_logp`` is given and ``kl_coef != 0`` (otherwise ``ref_logp`` is not read); kinds
-            ``k1``, ``abs``, ``k2``, ``k3``, ``k3+`` (k3 value, k1 gradient).
+            ``k1``, ``abs``, ``k2``, ``k3`` and ``k1+``, ``abs+``, ``k3+`` (that value, the
+            gradient of k2: verl's straight-through estimators).
 
     Returns:
         ``(loss, stats)``: the 0-dim loss ``sum mask * row_scale[b] * L`` (fp32 here, logp's dtype in

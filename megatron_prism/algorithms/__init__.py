@@ -5,7 +5,7 @@ game_advantage  the ALIGN game's estimator prism_game (group-normalised discrimi
 discriminator_loss  the discriminator's per-part Bradley-Terry loss (bradley_terry)
 policy_loss one surrogate API for grpo/ppo, dapo, gspo, vanilla (Triton kernel or torch reference)
 aggregation the four loss aggregation modes, split-invariant through global counts
-kl          per-token KL estimators k1, abs, k2, k3, k3+
+kl          per-token KL estimators k1, abs, k2, k3 and the straight-through k1+, abs+, k3+
 entropy     token entropy, plain and chunked
 shaping     reward shapers (DAPO overlong penalty)
 sampling    sampling filters (DAPO dynamic sampling) and the refill loop around them

@@ -4,8 +4,14 @@ Schulman, "Approximating KL Divergence" (2020): with ``r = pi_ref(x) / pi(x)`` f
 ``k1 = -log r`` is unbiased but high-variance, ``k2 = (log r)^2 / 2`` is biased but low-variance,
 ``k3 = (r - 1) - log r`` is unbiased and low-variance (and never negative). The clamps follow verl's
 ``kl_penalty`` so values carry over: ``log r`` to [-20, 20] before the exponential and ``k3`` to
-[-10, 10]. ``k3+`` is verl's straight-through variant: the value of ``k3`` with the gradient of
-``k1`` (d/dlogp = 1), an unbiased gradient of the KL when used as a loss term.
+[-10, 10].
+
+``k1+``, ``abs+`` and ``k3+`` are verl's straight-through variants: the value of the named
+estimator with the gradient of ``k2``, ``d/dlogp = logp - ref``. Why: over tokens sampled from pi,
+the expected gradient of k1 is zero (E_pi[grad log pi] = 0) and k3's is not the KL's gradient
+either, whereas E_pi[(log pi - log ref) grad log pi] is exactly grad KL(pi || ref). As a loss term,
+``k3+`` therefore pulls the policy back to the reference with the right gradient while logging the
+low-variance k3 value.
 
 Usable as a loss term (``policy_loss(..., ref_logp=, kl_coef=)``) or as a reward penalty (call
 ``kl`` under ``torch.no_grad()`` and subtract ``beta * kl`` from the token rewards).
@@ -31,7 +37,7 @@ for _kind in KL_KINDS:
 
 
 # verl's spellings, so configs written for verl read the same here.
-KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3", "low_var_kl+": "k3+"}
+KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3", "kl+": "k1+", "low_var_kl+": "k3+"}
 
 
 def canonical_kl_kind(kind: str) -> str:

@@ -1,4 +1,4 @@
-"""One policy-loss API for GRPO/PPO, DAPO, GSPO and an unclipped surrogate.
+"""One policy-loss API for PPO/GRPO (verl's ``vanilla``), DAPO, GSPO and an unclipped surrogate.
 
 ``policy_loss(logp, old_logp, advantages, mask, variant=..., ...)`` returns ``(loss, metrics)``.
 The variants differ in three choices, made by the registered variant function:
@@ -6,7 +6,7 @@ The variants differ in three choices, made by the registered variant function:
 * the importance ratio: per token (``exp(logp - old_logp)``), or per sequence (GSPO's
   length-normalised ``exp(mean_t(logp - old_logp))`` with a per-token straight-through gradient);
 * the clip range ``[1 - clip_low, 1 + clip_high]`` (symmetric for PPO/GRPO, "clip-higher" for
-  DAPO, a tiny range for GSPO, none for ``vanilla``) and the optional dual clip;
+  DAPO, a tiny range for GSPO, none for ``unclipped``) and the dual clip;
 * the default aggregation of the token losses (see ``aggregation.py``).
 
 The token maths itself lives once, in ``kernels/fused_policy_loss.py``: a Triton kernel and, beside
@@ -19,6 +19,12 @@ clip, Ye et al. 2020 ("Mastering Complex Control in MOBA Games", eq. 5); DAPO cl
 token-level loss, Yu et al. 2025, eq. 8-10; GSPO, Zheng et al. 2025, eq. 5-7 (we use its
 GSPO-token form, which has the same value and gradient when advantages are per sequence, as
 verl does). Definitions match verl's ``compute_policy_loss_vanilla`` / ``_gspo``.
+
+Names and defaults are verl's, so a verl config means the same here: ``vanilla`` (and its aliases
+``ppo``, ``grpo``) is PPO's clip with the dual clip ``c = 3`` (verl's ``clip_ratio_c``, always on
+in verl) for negative advantages; ``dapo`` the same with clip-higher; ``gspo`` has no dual clip, as
+in verl. ``dual_clip=math.inf`` turns the dual clip off. The surrogate without any clip,
+``-A * r``, is ``unclipped``.
 """
 
 from __future__ import annotations
@@ -103,20 +109,29 @@ def clipped_surrogate(
     )
 
 
+#: verl's ``clip_ratio_c``: the dual clip's default for the token-level variants.
+DUAL_CLIP_DEFAULT = 3.0
+
+
 def _fill(settings: SurrogateSettings, clip_low: float, clip_high: float | None, agg: str,
           dual_clip: float | None = None) -> SurrogateSettings:
     low = settings.clip_low if settings.clip_low is not None else clip_low
     high = settings.clip_high if settings.clip_high is not None else (clip_high if clip_high is not None else low)
     dual = settings.dual_clip if settings.dual_clip is not None else dual_clip
+    if dual is not None and math.isinf(dual) and dual > 0:
+        dual = None  # +inf: no dual clip
     return replace(settings, clip_low=low, clip_high=high, agg=settings.agg or agg, dual_clip=dual)
 
 
+@register_policy_loss("vanilla")
 @register_policy_loss("grpo")
 @register_policy_loss("ppo")
 def clipped_token_surrogate(inputs: PolicyLossInputs, settings: SurrogateSettings):
-    """PPO/GRPO: ``max(-A r, -A clip(r, 1-eps, 1+eps))`` per token, eps = 0.2 unless given; a dual
-    clip only when asked for."""
-    return clipped_surrogate(inputs, _fill(settings, 0.2, None, "token-mean"), sequence_ratio=False)
+    """verl's ``vanilla`` (PPO, and GRPO's loss): ``max(-A r, -A clip(r, 1-eps, 1+eps))`` per
+    token, eps = 0.2 unless given, then ``min(., -A c)`` where ``A < 0`` with the dual clip
+    ``c = 3`` unless given (``inf`` turns it off); token-mean aggregation."""
+    return clipped_surrogate(inputs, _fill(settings, 0.2, None, "token-mean", dual_clip=DUAL_CLIP_DEFAULT),
+                             sequence_ratio=False)
 
 
 @register_policy_loss("dapo")
@@ -124,21 +139,23 @@ def dapo_surrogate(inputs: PolicyLossInputs, settings: SurrogateSettings):
     """DAPO clip-higher: ``eps_low = 0.2``, ``eps_high = 0.28`` (the paper's values), token-mean
     aggregation, and the dual clip ``c = 3`` (verl's ``clip_ratio_c``) bounding the loss of
     negative-advantage tokens whose ratio has blown up."""
-    return clipped_surrogate(inputs, _fill(settings, 0.2, 0.28, "token-mean", dual_clip=3.0), sequence_ratio=False)
+    return clipped_surrogate(inputs, _fill(settings, 0.2, 0.28, "token-mean", dual_clip=DUAL_CLIP_DEFAULT),
+                             sequence_ratio=False)
 
 
 @register_policy_loss("gspo")
 def gspo_surrogate(inputs: PolicyLossInputs, settings: SurrogateSettings):
     """GSPO: the sequence-level, length-normalised ratio ``s_i = exp(mean_t log(pi/pi_old))``,
-    clipped to ``[1 - 3e-4, 1 + 4e-4]`` (the paper's range), averaged per sequence."""
+    clipped to ``[1 - 3e-4, 1 + 4e-4]`` (the paper's range), averaged per sequence; no dual clip
+    unless given (verl's GSPO has none)."""
     return clipped_surrogate(inputs, _fill(settings, 3e-4, 4e-4, "seq-mean-token-mean"), sequence_ratio=True)
 
 
-@register_policy_loss("vanilla")
+@register_policy_loss("unclipped")
 def unclipped_surrogate(inputs: PolicyLossInputs, settings: SurrogateSettings):
-    """No clip: ``-A r`` per token (on-policy, its gradient is REINFORCE's ``-A grad log pi``)."""
+    """No clip at all: ``-A r`` per token (on-policy, its gradient is REINFORCE's ``-A grad log pi``)."""
     if settings.clip_low is not None or settings.clip_high is not None or settings.dual_clip is not None:
-        raise ValueError("policy loss 'vanilla' has no clip range; leave clip_low/clip_high/dual_clip unset")
+        raise ValueError("policy loss 'unclipped' has no clip range; leave clip_low/clip_high/dual_clip unset")
     unclipped = replace(settings, clip_low=math.inf, clip_high=math.inf, agg=settings.agg or "token-mean")
     return clipped_surrogate(inputs, unclipped, sequence_ratio=False)
 
@@ -183,6 +200,7 @@ def policy_loss(
     the loss of the whole batch. ``None`` for a clip value or ``agg`` takes the variant's default.
     ``ref_logp``/``kl_coef``/``kl_kind`` add a KL loss term, ``entropy``/``entropy_coef`` an
     entropy bonus (``loss -= coef * agg(entropy)``), both aggregated like the surrogate.
+    ``dual_clip=math.inf`` turns the variant's dual clip off.
 
     Metrics: local sums ``tokens, clipped, clipped_lower, neg_log_ratio, ratio_sum, ratio_max,
     ratio_min, kl`` and local means ``clip_frac, clip_frac_lower, approx_kl, ratio_mean, kl_mean``.
@@ -198,6 +216,13 @@ def policy_loss(
         raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp.shape)}, got {tuple(advantages.shape)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if counts is None and not bool((mask != 0).any()):
+        raise ValueError("mask selects no token: the loss of an empty batch is undefined (a piece of a "
+                         "split batch may be empty only when the global counts are passed)")
+    if counts is not None and counts.tokens <= 0:
+        raise ValueError(f"counts.tokens is {counts.tokens}: the global batch has no loss token")
+    if entropy is not None and entropy.shape != logp.shape:
+        raise ValueError(f"entropy must have logp's shape {tuple(logp.shape)}, got {tuple(entropy.shape)}")
     inputs = PolicyLossInputs(logp, old_logp.detach(), advantages.detach(), mask, counts, norm_len)
     settings = SurrogateSettings(clip_low, clip_high, dual_clip, agg, ref_logp, kl_coef, kl_kind, backend)
     loss, stats = POLICY_LOSSES.get(variant)(inputs, settings)

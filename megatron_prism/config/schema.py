@@ -120,9 +120,10 @@ class AlgorithmConfig:
     ``reward`` names a reward of :mod:`megatron_prism.rewards` (e.g. ``math_format``: format-gated
     0.8 accuracy + 0.2 format). Names are looked up in the registries of
     :mod:`megatron_prism.algorithms` (``advantage``,
-    ``loss``, ``kl_kind``, ``reward_shaping``, ``sampling_filter``). ``None`` for a clip value or
-    ``loss_agg`` takes the loss variant's own default (GRPO 0.2/0.2, DAPO 0.2/0.28 with dual clip
-    3, GSPO 3e-4/4e-4 with ``seq-mean-token-mean``). ``loss_backend``: ``triton`` is the fused
+    ``loss``, ``kl_kind``, ``reward_shaping``, ``sampling_filter``), with verl's meanings. ``None``
+    for a clip value or ``loss_agg`` takes the loss variant's own default (vanilla = GRPO = PPO
+    0.2/0.2 and DAPO 0.2/0.28, both with verl's dual clip 3; GSPO 3e-4/4e-4 with
+    ``seq-mean-token-mean`` and no dual clip); ``dual_clip: .inf`` turns the dual clip off. ``loss_backend``: ``triton`` is the fused
     kernel, ``torch`` its reference, ``auto`` the kernel on a GPU.
     """
 

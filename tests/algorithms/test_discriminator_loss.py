@@ -73,6 +73,43 @@ def test_gradients_match_closed_form(seed, reduction):
     assert torch.all(policy.grad[~valid] == 0)  # an invalid response gets no gradient at all
 
 
+def _oracle_bt(t, s, valid, *, l2, clip, reduction, num_valid=None):
+    """float64 Bradley-Terry from the definition, for autograd: per part p,
+    sum_{i valid} log(1 + exp(-(t_ip - s_ip))) / N_p, summed or averaged over parts, plus
+    l2 * mean of the squared teacher scores and valid policy scores (scores clamped first)."""
+    if clip is not None:
+        t, s = t.clamp(-clip, clip), s.clamp(-clip, clip)
+    m = valid.double()
+    n = m.sum(0) if num_valid is None else torch.as_tensor(num_valid, dtype=torch.float64)
+    per_part = (torch.log1p(torch.exp(-(t - s))) * m).sum(0) / n
+    total = per_part.sum() if reduction == "sum" else per_part.mean()
+    squares = (t ** 2).sum() + (s ** 2 * m).sum()
+    return total + l2 * squares / (t.numel() + m.sum())
+
+
+@pytest.mark.parametrize("seed", [10, 11, 12])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gradients_match_float64_autograd_oracle(seed, reduction):
+    """Per-part validity, score clip (some scores beyond it), L2, and a global valid count: value
+    and both gradients against autograd through the formula above."""
+    teacher, policy, _ = _inputs(seed, batch=11, scale=4.0)
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(11, 2, generator=g) > 0.3
+    valid[0] = True
+    num_valid = (valid.sum(0) + torch.tensor([3, 5])).tolist()  # as if other ranks held more pairs
+    kw = dict(l2=0.03, clip=5.0, reduction=reduction)
+    t, s = teacher.detach().clone().requires_grad_(), policy.detach().clone().requires_grad_()
+    expected = _oracle_bt(t, s, valid, num_valid=num_valid, **kw)
+    want_t, want_s = torch.autograd.grad(expected, (t, s))
+    loss, _ = bradley_terry_loss(teacher, policy, valid, score_l2=0.03, score_clip=5.0, part_reduction=reduction,
+                                 num_valid=num_valid)
+    got_t, got_s = torch.autograd.grad(loss, (teacher, policy))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got_s, want_s, rtol=1e-12, atol=1e-15)
+    assert (teacher.abs() > 5.0).any() and (want_t == 0).any()  # the clip's zero gradient was exercised
+
+
 def test_gradcheck_with_clip_and_l2():
     teacher, policy, valid = _inputs(5, batch=5, scale=1.0)
     fn = lambda t, s: bradley_terry_loss(t, s, valid, score_l2=0.1, score_clip=2.5)[0]  # noqa: E731

@@ -37,18 +37,51 @@ def test_kl_values_follow_schulman_definitions():
     assert (kl(logp, ref, "k3") >= 0).all()
 
 
-def test_k3_clamps_and_k3_plus_is_straight_through():
-    logp = torch.tensor([[-30.0, -1.0, 0.0]], dtype=torch.float64, requires_grad=True)
-    ref = torch.tensor([[0.0, -1.0, -25.0]], dtype=torch.float64)
+def test_k3_clamps_and_plus_kinds_are_straight_through_k2():
+    logp = torch.tensor([[-30.0, -1.0, 0.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[0.0, -1.0, -25.0, -0.5]], dtype=torch.float64)
     k3 = kl(logp, ref, "k3")
     assert float(k3[0, 0].detach()) == 10.0  # exp(20) - 21 clamped to 10
     assert float(k3[0, 1].detach()) == 0.0
-    k3p = kl(logp, ref, "k3+")
-    torch.testing.assert_close(k3p, k3.detach())
-    (grad,) = torch.autograd.grad(k3p.sum(), logp)
-    torch.testing.assert_close(grad, torch.ones_like(grad))  # k1's gradient
+    for plus, base in (("k3+", "k3"), ("low_var_kl+", "k3"), ("k1+", "k1"), ("kl+", "k1"), ("abs+", "abs")):
+        value = kl(logp, ref, plus)
+        torch.testing.assert_close(value, kl(logp, ref, base).detach(), rtol=0, atol=0)
+        (grad,) = torch.autograd.grad(value.sum(), logp)
+        # verl's kl_penalty: the gradient of k2 = (logp - ref)^2 / 2, i.e. logp - ref
+        torch.testing.assert_close(grad, (logp - ref).detach(), rtol=0, atol=0)
     with pytest.raises(UnknownNameError, match="did you mean 'k3'"):
         kl(logp, ref, "k4")
+    with pytest.raises(ValueError, match="differ in shape"):
+        kl(logp, ref[:, :2], "k3")
+
+
+def _categorical_kl_gradients(kind: str, seed: int, n: int = 6):
+    """On an n-way categorical pi = softmax(theta): the exact expectation over x ~ pi of the gradient
+    of the per-sample estimate kl(log pi(x), log ref(x)), and the true gradient of KL(pi || ref),
+    both by float64 autograd; the latter from the full-distribution formula sum pi (log pi - log ref)."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(n, generator=g, dtype=torch.float64, requires_grad=True)
+    log_ref = torch.log_softmax(torch.randn(n, generator=g, dtype=torch.float64), 0)
+    log_pi = torch.log_softmax(theta, 0)
+    pi = log_pi.exp().detach()  # the sampling distribution: its weights carry no gradient
+    samples = kl(log_pi[None, :], log_ref[None, :], kind)[0]  # the estimate for each outcome x
+    (estimated,) = torch.autograd.grad((pi * samples).sum(), theta, retain_graph=True)
+    true_kl = (log_pi.exp() * (log_pi - log_ref)).sum()
+    (exact,) = torch.autograd.grad(true_kl, theta)
+    return estimated, exact
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plus_estimators_give_the_kl_gradient_in_expectation(seed):
+    """Why "+" exists: as a loss term, E_pi[grad k(x)] must be grad KL(pi || ref). k1 gives exactly
+    zero (E_pi[grad log pi] = 0) and k3 a wrong vector; k1+ and k3+ (k2's gradient) give the KL's."""
+    for kind in ("k1+", "k3+", "k2"):
+        estimated, exact = _categorical_kl_gradients(kind, seed)
+        torch.testing.assert_close(estimated, exact, rtol=1e-12, atol=1e-14)
+    estimated, exact = _categorical_kl_gradients("k1", seed)
+    assert estimated.abs().max() < 1e-15 < exact.abs().max() * 1e-3
+    estimated, exact = _categorical_kl_gradients("k3", seed)
+    assert (estimated - exact).abs().max() > 1e-3 * exact.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

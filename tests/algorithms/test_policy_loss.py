@@ -1,5 +1,7 @@
-"""policy_loss: each variant against the papers' formulas written as plain loops, the variants'
-defaults, split invariance over micro-batches / ranks, and the Triton backend through the API."""
+"""policy_loss: each variant against the papers' formulas written as plain loops (values) and as a
+float64 autograd oracle written out here (gradients, GSPO's stop-gradient structure included), the
+variants' defaults (verl's), split invariance over micro-batches / ranks, and the Triton backend
+through the API."""
 
 from __future__ import annotations
 
@@ -65,16 +67,18 @@ def _loop_gspo(logp, old, adv, mask, lo, hi):
 def test_variants_match_paper_formulas(backend):
     logp, old, adv, mask = _batch(0)
     cases = [
-        ("grpo", {}, _loop_token_surrogate(logp, old, adv, mask, 0.2, 0.2)),
-        ("ppo", {"clip_low": 0.1}, _loop_token_surrogate(logp, old, adv, mask, 0.1, 0.1)),
+        ("grpo", {}, _loop_token_surrogate(logp, old, adv, mask, 0.2, 0.2, dual=3.0)),
+        ("vanilla", {}, _loop_token_surrogate(logp, old, adv, mask, 0.2, 0.2, dual=3.0)),
+        ("ppo", {"clip_low": 0.1}, _loop_token_surrogate(logp, old, adv, mask, 0.1, 0.1, dual=3.0)),
+        ("ppo", {"dual_clip": math.inf}, _loop_token_surrogate(logp, old, adv, mask, 0.2, 0.2)),
         ("dapo", {}, _loop_token_surrogate(logp, old, adv, mask, 0.2, 0.28, dual=3.0)),
-        ("vanilla", {}, _loop_token_surrogate(logp, old, adv, mask, math.inf, math.inf)),
+        ("unclipped", {}, _loop_token_surrogate(logp, old, adv, mask, math.inf, math.inf)),
     ]
     tol = 1e-12 if backend == "torch" else 2e-6  # the kernel computes in fp32
     for variant, kw, expected in cases:
         loss, metrics = policy_loss(logp, old, adv, mask, variant, backend=backend, **kw)
         assert float(loss) == pytest.approx(expected, rel=tol, abs=tol), variant
-        assert 0.0 < float(metrics["clip_frac"]) < 1.0 or variant == "vanilla"
+        assert 0.0 < float(metrics["clip_frac"]) < 1.0 or variant == "unclipped"
     g_logp, g_old, g_adv, g_mask = _batch(1, spread=3e-4)  # ratios near GSPO's tiny clip range
     loss, _ = policy_loss(g_logp, g_old, g_adv, g_mask, "gspo", backend=backend)
     assert float(loss) == pytest.approx(_loop_gspo(g_logp, g_old, g_adv, g_mask, 3e-4, 4e-4), rel=tol, abs=tol)
@@ -96,7 +100,7 @@ def test_dual_clip_bounds_negative_advantage_losses(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("variant", ["grpo", "dapo", "gspo", "vanilla"])
+@pytest.mark.parametrize("variant", ["grpo", "dapo", "gspo", "unclipped"])
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_loss_and_gradient_do_not_depend_on_the_split(backend, variant, agg):
     """One global batch of 8 as 1 piece of 8 and as 4 pieces of 2 (micro-batches or DP ranks):
@@ -130,15 +134,133 @@ def test_without_global_counts_the_split_changes_the_loss():
     assert abs(float(pieces) / 4 - float(whole)) > 1e-6
 
 
+# ------------------------------------------------------------------ float64 autograd oracle
+_DEFAULTS = {  # variant -> (clip_low, clip_high, dual_clip, aggregation, sequence ratio): verl's
+    "grpo": (0.2, 0.2, 3.0, "token-mean", False), "ppo": (0.2, 0.2, 3.0, "token-mean", False),
+    "vanilla": (0.2, 0.2, 3.0, "token-mean", False), "dapo": (0.2, 0.28, 3.0, "token-mean", False),
+    "gspo": (3e-4, 4e-4, None, "seq-mean-token-mean", True),
+    "unclipped": (math.inf, math.inf, None, "token-mean", False),
+}
+
+
+def _oracle_kl(logp, ref, kind):
+    x = logp - ref
+    base = kind.rstrip("+")
+    if base == "k1":
+        value = x
+    elif base == "abs":
+        value = x.abs()
+    elif base == "k2":
+        value = 0.5 * x ** 2
+    else:  # k3 = exp(log r) - log r - 1, log r = ref - logp, clamps as verl
+        log_r = (ref - logp).clamp(-20, 20)
+        value = (log_r.exp() - log_r - 1).clamp(-10, 10)
+    if kind.endswith("+"):  # verl: value of the estimator, gradient of k2
+        value = 0.5 * x ** 2 + (value - 0.5 * x ** 2).detach()
+    return value
+
+
+def _oracle_loss(variant, logp, old, adv, mask, *, agg=None, norm_len=None, ref=None, kl_coef=0.0, kl_kind="k3",
+                 entropy=None, entropy_coef=0.0, clip_low=None, clip_high=None):
+    """The whole-batch loss from the papers' formulas, float64, differentiable in logp and entropy."""
+    low, high, dual, default_agg, sequence = _DEFAULTS[variant]
+    low = low if clip_low is None else clip_low
+    high = high if clip_high is None else clip_high
+    agg = agg or default_agg
+    m = mask.double()
+    a = adv.double()[:, None]
+    lengths = m.sum(-1)
+    if sequence:  # GSPO-token: value sg(s_b), gradient 1 per token, clamp at 10 (verl)
+        s = ((logp - old) * m).sum(-1) / lengths.clamp(min=1)
+        log_ratio = (s.detach()[:, None] + logp - logp.detach()).clamp(max=10)
+    else:
+        log_ratio = (logp - old).clamp(-20, 20)
+    ratio = log_ratio.exp()
+    token = torch.maximum(-a * ratio, -a * ratio.clamp(1 - low, 1 + high))
+    if dual is not None:
+        token = torch.where(a < 0, torch.minimum(token, -a * dual), token)
+    n_tokens, n_seqs = m.sum(), (lengths > 0).sum()
+    weight = {"token-mean": torch.ones_like(lengths) / n_tokens,
+              "seq-mean-token-sum": torch.ones_like(lengths) / n_seqs,
+              "seq-mean-token-mean": 1 / (lengths.clamp(min=1) * n_seqs),
+              "seq-mean-token-sum-norm": torch.ones_like(lengths) / ((norm_len or m.shape[1]) * n_seqs)}[agg][:, None]
+    loss = (m * weight * token).sum()
+    if ref is not None and kl_coef:
+        loss = loss + kl_coef * (m * weight * _oracle_kl(logp, ref, kl_kind)).sum()
+    if entropy is not None and entropy_coef:
+        loss = loss - entropy_coef * (m * weight * entropy).sum()
+    return loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", list(_DEFAULTS))
+@pytest.mark.parametrize("kl_kind", ["k1", "abs", "k2", "k3", "k1+", "abs+", "k3+"])
+def test_value_and_gradients_match_float64_oracle(backend, variant, kl_kind):
+    """Loss and d loss / d logp, d loss / d entropy, against autograd through the oracle above, for
+    every variant and KL kind, on one aggregation each (the loop over aggregations is the split test's)."""
+    seed = sum(map(ord, variant + kl_kind))
+    spread = 3e-4 if variant == "gspo" else 0.4  # GSPO's clip range is tiny: make both sides occur
+    logp, old, adv, mask = _batch(seed, spread=spread)
+    g = torch.Generator().manual_seed(seed + 1)
+    ref = logp + torch.randn(logp.shape, generator=g, dtype=torch.float64)
+    entropy = torch.rand(logp.shape, generator=g, dtype=torch.float64) * 3
+    agg = AGG_MODES[seed % len(AGG_MODES)]
+    kw = dict(agg=agg, norm_len=13, ref=ref, kl_coef=0.07, kl_kind=kl_kind, entropy_coef=0.01)
+    x, e = logp.clone().requires_grad_(True), entropy.clone().requires_grad_(True)
+    expected = _oracle_loss(variant, x, old, adv, mask, entropy=e, **kw)
+    want_logp, want_ent = torch.autograd.grad(expected, (x, e))
+    y, f = logp.clone().requires_grad_(True), entropy.clone().requires_grad_(True)
+    got, metrics = policy_loss(y, old, adv, mask, variant, agg=agg, norm_len=13, ref_logp=ref, kl_coef=0.07,
+                               kl_kind=kl_kind, entropy=f, entropy_coef=0.01, backend=backend)
+    got_logp, got_ent = torch.autograd.grad(got, (y, f))
+    tol = 1e-12 if backend == "torch" else 2e-6  # the kernel computes in fp32
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=tol, abs=tol)
+    scale = float(want_logp.abs().max())
+    torch.testing.assert_close(got_logp, want_logp, rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(got_ent, want_ent, rtol=1e-12, atol=1e-15)
+    assert want_logp.abs().sum() > 0 and want_ent.abs().sum() > 0
+    # the KL metric is the mean of the KL estimate over the loss tokens
+    kl_tok = _oracle_kl(logp, ref, kl_kind)[mask]
+    assert float(metrics["kl_mean"]) == pytest.approx(float(kl_tok.mean()), rel=1e-5, abs=1e-7)
+
+
+def test_gspo_gradient_has_the_stop_gradient_structure():
+    """GSPO-token: every token of row b gets -A_b * s_b * row_scale (the sequence ratio's value,
+    per-token gradient one) inside the clip range, 0 outside (clipped) — not a gradient through
+    the mean that defines s_b."""
+    logp, old, adv, mask = _batch(21, spread=1.5e-3)
+    x = logp.clone().requires_grad_(True)
+    loss, _ = policy_loss(x, old, adv, mask, "gspo", backend="torch")
+    (grad,) = torch.autograd.grad(loss, x)
+    m = mask.double()
+    lengths = m.sum(-1)
+    s = (((logp - old) * m).sum(-1) / lengths.clamp(min=1)).exp()
+    n_seqs = (lengths > 0).sum()
+    cases = set()
+    for b in range(logp.shape[0]):
+        if lengths[b] == 0:
+            assert torch.all(grad[b] == 0)
+            continue
+        a = float(adv[b])
+        inside = (1 - 3e-4) <= float(s[b]) <= (1 + 4e-4)
+        unclipped_side = (a > 0 and float(s[b]) < 1) or (a < 0 and float(s[b]) > 1)
+        cases.add("gradient" if (inside or unclipped_side) else "clipped")
+        per_token = -a * float(s[b]) / (float(lengths[b]) * float(n_seqs)) if (inside or unclipped_side) else 0.0
+        torch.testing.assert_close(grad[b][mask[b]], torch.full((int(lengths[b]),), per_token, dtype=torch.float64),
+                                   rtol=1e-12, atol=1e-15)
+    assert cases == {"gradient", "clipped"}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kl_and_entropy_terms(backend):
+    """The KL and entropy terms add their aggregated means to the surrogate (random reference)."""
     logp, old, adv, mask = _batch(4)
-    ref = logp.detach() - 0.3
+    ref = logp.detach() + torch.randn(logp.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     base, _ = policy_loss(logp, old, adv, mask, "grpo", backend="torch")
     with_kl, m = policy_loss(logp, old, adv, mask, "grpo", ref_logp=ref, kl_coef=0.1, kl_kind="k1", backend=backend)
     kl_term = aggregate(logp - ref, mask, "token-mean")
     assert float(with_kl) == pytest.approx(float(base + 0.1 * kl_term), rel=1e-6)
-    assert float(m["kl_mean"]) == pytest.approx(0.3, rel=1e-6)
+    assert float(m["kl_mean"]) == pytest.approx(float((logp - ref)[mask].mean()), rel=1e-5)
     entropy = torch.rand(logp.shape, dtype=torch.float64)
     with_entropy, _ = policy_loss(logp, old, adv, mask, "grpo", entropy=entropy, entropy_coef=0.01, backend=backend)
     assert float(with_entropy) == pytest.approx(float(base - 0.01 * aggregate(entropy, mask, "token-mean")), rel=1e-6)
@@ -159,7 +281,15 @@ def test_bad_arguments_are_named():
     with pytest.raises(UnknownNameError, match="did you mean 'gspo'"):
         policy_loss(logp, old, adv, mask, "gsp")
     with pytest.raises(ValueError, match="no clip range"):
-        policy_loss(logp, old, adv, mask, "vanilla", clip_low=0.2)
+        policy_loss(logp, old, adv, mask, "unclipped", clip_low=0.2)
+    with pytest.raises(ValueError, match="mask selects no token"):
+        policy_loss(logp, old, adv, torch.zeros_like(mask))
+    with pytest.raises(ValueError, match="counts.tokens"):
+        policy_loss(logp, old, adv, mask, counts=GlobalCounts(0, 0))
+    with pytest.raises(UnknownNameError, match="KL estimator"):
+        policy_loss(logp, old, adv, mask, ref_logp=logp, kl_coef=0.1, kl_kind="k5")
+    with pytest.raises(ValueError, match="entropy must have"):
+        policy_loss(logp, old, adv, mask, entropy=logp[:, :3], entropy_coef=0.1)
     with pytest.raises(ValueError, match="advantages must be"):
         policy_loss(logp, old, adv[:3], mask)
     with pytest.raises(ValueError, match="unknown loss backend"):

@@ -1,4 +1,7 @@
-"""Fused Triton policy loss against its pure-torch reference (autograd in float64 as the oracle).
+"""Fused Triton policy loss and its pure-torch reference, both against a float64 oracle written out
+in this file (``oracle_policy_loss``: PPO / dual clip / GSPO / KL formulas from the papers and
+verl's ``compute_policy_loss`` / ``kl_penalty``, differentiated by autograd), never imported from
+the module under test.
 
 Tolerances (fused fp32 vs reference float64 on the same fp32-representable inputs):
 * gradient, elementwise: rtol 1e-5, atol 1e-6 * that token's gradient magnitude
@@ -19,7 +22,7 @@ import torch
 
 import kernels.fused_policy_loss as fpl
 from kernels.fused_policy_loss import (
-    STAT_NAMES, fused_policy_loss, policy_loss_reference, sequence_log_ratio,
+    KL_KINDS, STAT_NAMES, fused_policy_loss, policy_loss_reference, sequence_log_ratio,
 )
 
 INF = math.inf
@@ -41,11 +44,73 @@ CONFIGS: dict[str, tuple[dict, bool]] = {
     "k2": (dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_kind="k2"), False),
     "k3": (dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_kind="k3"), False),
     "k3+": (dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_kind="k3+"), False),
+    "k1+": (dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_kind="k1+"), False),
+    "abs+": (dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_kind="abs+"), False),
+    "gspo_k3+": (dict(clip_low=3e-4, clip_high=4e-4, kl_coef=0.05, kl_kind="k3+"), True),
     "kl_coef_0": (dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, kl_kind="k3"), False),
     "gspo": (dict(clip_low=3e-4, clip_high=4e-4), True),
     "gspo_wide_dual_k3": (dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1), True),
     "gspo_noclip": (dict(clip_low=INF, clip_high=INF), True),
 }
+
+
+# ------------------------------------------------------------------------------------ the oracle
+def oracle_kl(logp: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
+    """Schulman (2020) estimators with verl's clamps; ``+``: value kept, gradient of k2 (verl)."""
+    x = logp - ref
+    log_r = ref - logp
+    base = kind.rstrip("+")
+    if base == "k1":
+        value = x
+    elif base == "abs":
+        value = x.abs()
+    elif base == "k2":
+        value = x * x / 2
+    else:
+        c = log_r.clamp(-20.0, 20.0)
+        value = (c.exp() - c - 1).clamp(-10.0, 10.0)
+    if kind.endswith("+"):
+        half_sq = x * x / 2
+        value = half_sq - half_sq.detach() + value.detach()
+    return value
+
+
+def oracle_policy_loss(logp, old_logp, advantages, mask, row_scale, *, clip_low, clip_high, dual_clip=None,
+                       seq_log_ratio=None, ref_logp=None, kl_coef=0.0, kl_kind="k3"):
+    """float64 loss ``sum_{b,t} mask * row_scale[b] * L`` and the statistics, from the formulas.
+
+    L = max(-A r, -A clip(r, 1 - lo, 1 + hi)) [then min(., -A c) where A < 0] + kl_coef * kl, with
+    r = exp(clamp(logp - old, +-20)) (PPO), or for GSPO r = exp(min(sg(s_b) + logp - sg(logp), 10)):
+    the sequence ratio's value with a per-token gradient of one."""
+    keep = mask != 0
+    if seq_log_ratio is None:
+        log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    else:
+        log_ratio = (seq_log_ratio.detach()[:, None] + logp - logp.detach()).clamp(max=10.0)
+    ratio = log_ratio.exp()
+    surrogate = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss_tok = torch.maximum(surrogate, clipped)
+    lower = torch.zeros_like(keep)
+    if dual_clip is not None:
+        bound = -advantages * dual_clip
+        lower = (advantages < 0) & (loss_tok > bound)
+        loss_tok = torch.where(advantages < 0, torch.minimum(loss_tok, bound), loss_tok)
+    kl = torch.zeros_like(loss_tok)
+    if ref_logp is not None and kl_coef != 0.0:
+        kl = oracle_kl(logp, ref_logp, kl_kind)
+        loss_tok = loss_tok + kl_coef * kl
+    loss = torch.where(keep, row_scale[:, None] * loss_tok, 0.0).sum()
+    d = {k: v.detach() for k, v in (("lr", log_ratio), ("ratio", ratio), ("kl", kl))}
+    stats = {
+        "tokens": keep.sum().double(), "clipped": (keep & (clipped > surrogate)).sum().double(),
+        "clipped_lower": (keep & lower).sum().double(),
+        "neg_log_ratio": torch.where(keep, -d["lr"], 0.0).sum(), "ratio_sum": torch.where(keep, d["ratio"], 0.0).sum(),
+        "ratio_max": torch.where(keep, d["ratio"], -INF).max() if keep.any() else torch.tensor(-INF),
+        "ratio_min": torch.where(keep, d["ratio"], INF).min() if keep.any() else torch.tensor(INF),
+        "kl": torch.where(keep, d["kl"], 0.0).sum(),
+    }
+    return loss, stats
 
 
 def make_inputs(B: int, T: int, seed: int, device: str = DEVICE, dtype: torch.dtype = torch.float32,
@@ -121,7 +186,7 @@ def _scales(inputs: dict, cfg: dict) -> dict:
     ratio = lr.exp()
     kl = torch.zeros_like(ratio)
     if cfg.get("kl_coef", 0.0) != 0.0:
-        kl = fpl.kl_reference(d["logp"], d["ref_logp"], cfg.get("kl_kind", "k3")).abs()
+        kl = oracle_kl(d["logp"], d["ref_logp"], cfg.get("kl_kind", "k3")).abs()
     rs = d["row_scale"].abs()[:, None]
     kl_coef = abs(cfg.get("kl_coef", 0.0))
     term = (d["advantages"].abs() * torch.maximum(ratio, torch.ones_like(ratio)) * 2.0 + kl_coef * kl) * rs
@@ -141,8 +206,15 @@ def _scales(inputs: dict, cfg: dict) -> dict:
 
 
 def check_against_reference(inputs: dict, cfg: dict, grad_rtol: float = 1e-5, grad_atol: float = 1e-6) -> None:
+    """The fused kernel (fp32 maths) and, tightly, the module's float64 reference, both against the
+    float64 oracle of this file."""
+    r_loss, r_stats, r_grad = _call(oracle_policy_loss, inputs, cfg, dtype=torch.float64)
+    m_loss, m_stats, m_grad = _call(policy_loss_reference, inputs, cfg, dtype=torch.float64)
+    torch.testing.assert_close(m_loss, r_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(m_grad, r_grad, rtol=1e-12, atol=1e-15)
+    for k in STAT_NAMES:
+        torch.testing.assert_close(m_stats[k].double(), r_stats[k].double(), rtol=1e-6, atol=1e-6 * max(abs(float(r_stats[k])), 1.0) if k not in ("ratio_max", "ratio_min") else 0.0)
     loss, stats, grad = _call(fused_policy_loss, inputs, cfg)
-    r_loss, r_stats, r_grad = _call(policy_loss_reference, inputs, cfg, dtype=torch.float64)
     sc = _scales(inputs, cfg)
     assert loss.dtype == torch.float32 and grad.dtype == inputs["logp"].dtype
     assert set(stats) == set(STAT_NAMES) == set(r_stats)
@@ -196,7 +268,7 @@ def test_ratio_exactly_one(dual_clip: float | None, seq_mode: bool) -> None:
         assert torch.equal(x["seq_log_ratio"], torch.zeros(3, device=DEVICE))
     cfg = dict(clip_low=0.2, clip_high=0.28, dual_clip=dual_clip)
     loss, stats, grad = _call(fused_policy_loss, x, cfg)
-    _, _, r_grad = _call(policy_loss_reference, x, cfg, dtype=torch.float64)
+    _, _, r_grad = _call(oracle_policy_loss, x, cfg, dtype=torch.float64)
     expected = torch.where(x["mask"], -x["advantages"].double() * x["row_scale"].double()[:, None], 0.0)
     torch.testing.assert_close(r_grad, expected, rtol=1e-12, atol=0.0)
     torch.testing.assert_close(grad.double(), r_grad, rtol=1e-6, atol=0.0)
@@ -229,7 +301,7 @@ def test_poisoned_buffers_are_fully_written(monkeypatch: pytest.MonkeyPatch) -> 
 def test_all_masked_and_empty() -> None:
     x = make_inputs(3, 37, seed=4)
     x["mask"] = torch.zeros_like(x["mask"])
-    for fn in (fused_policy_loss, policy_loss_reference):
+    for fn in (fused_policy_loss, policy_loss_reference, oracle_policy_loss):
         loss, stats, grad = _call(fn, x, dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0))
         assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
         assert stats["ratio_max"].item() == -INF and stats["ratio_min"].item() == INF
@@ -275,11 +347,22 @@ def test_large_shape_interpreter() -> None:
     check_against_reference(x, CONFIGS["k3+"][0])
 
 
-def test_deterministic() -> None:
-    x = make_inputs(5, 1000, seed=8)
-    cfg = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1)
-    a, b = _call(fused_policy_loss, x, cfg), _call(fused_policy_loss, x, cfg)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_kl_gradient_per_token_closed_form(kind: str) -> None:
+    """With A = 0 only the KL term is left: d loss / d logp = row_scale * kl_coef * k'(logp - ref),
+    where k' is written here by hand (the "+" kinds: logp - ref, the gradient of k2)."""
+    x = make_inputs(3, 37, seed=31)
+    x["advantages"] = torch.zeros_like(x["advantages"])
+    cfg = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.5, kl_kind=kind)
+    diff = (x["logp"] - x["ref_logp"]).double()
+    k3_raw = (-diff).clamp(-20, 20).exp() + diff - 1
+    d_kl = {"k1": torch.ones_like(diff), "abs": diff.sign(), "k2": diff,
+            "k3": torch.where((diff.abs() <= 20) & (k3_raw.abs() <= 10), 1 - (-diff).exp(), 0.0)}
+    expected = diff if kind.endswith("+") else d_kl[kind]
+    expected = torch.where(x["mask"], 0.5 * x["row_scale"].double()[:, None] * expected, 0.0)
+    for fn, tol in ((fused_policy_loss, 1e-6), (policy_loss_reference, 1e-6)):
+        _, _, grad = _call(fn, x, cfg)
+        torch.testing.assert_close(grad.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
 
 
 def test_sequence_log_ratio() -> None:
@@ -319,13 +402,25 @@ def test_validation_errors() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES + [(64, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("name", ["dapo", "dual", "noclip", "k1", "abs", "k2", "k3", "k3+", "gspo",
-                                  "gspo_wide_dual_k3"])
+@pytest.mark.parametrize("name", ["dapo", "dual", "noclip", "k1", "abs", "k2", "k3", "k3+", "k1+", "gspo",
+                                  "gspo_wide_dual_k3", "gspo_k3+"])
 def test_matches_reference_cuda(name: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
     cfg, seq_mode = CONFIGS[name]
     x = make_inputs(*shape, seed=shape[0] + shape[1], device="cuda", dtype=dtype, seq_mode=seq_mode)
     tol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-2, 1e-2)
     check_against_reference(x, cfg, grad_rtol=tol[0], grad_atol=tol[1])
+
+
+@pytest.mark.gpu
+def test_deterministic_cuda() -> None:
+    """Bitwise repeatable on a GPU: partials per program, reduced in a fixed order (no atomics).
+    (Under the CPU interpreter programs run one after another, so this could not fail there.)"""
+    x = make_inputs(64, 4096, seed=8, device="cuda")
+    cfg = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_kind="k3+")
+    runs = [_call(fused_policy_loss, x, cfg) for _ in range(3)]
+    for loss, stats, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][2])
+        assert all(torch.equal(stats[k], runs[0][1][k]) for k in STAT_NAMES)
 
 
 @pytest.mark.gpu
