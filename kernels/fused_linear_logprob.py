@@ -1,31 +1,55 @@
-"""Fused LM head -> per-token log-prob (+ entropy), without materialising the logits.
+"""LM head -> per-token log-prob (+ entropy), chunked over tokens on the platform matmul.
 
 What: ``fused_linear_logprob(hidden, weight, targets)`` returns ``log softmax(hidden @ weight.T)``
-at the target ids (and optionally the entropy of that softmax) for a vocab-parallel LM head,
-together with gradients for ``hidden`` and ``weight``. ``linear_logprob_reference`` next to it is
-the readable pure-torch definition (and the CPU fallback).
+at the target ids (and optionally the entropy of that softmax) for a vocab-parallel LM head, with
+gradients for ``hidden`` and ``weight``, never holding more than one chunk of logits.
+``fused_linear_logprob_loss`` does the same for a loss that is a sum over tokens and computes the
+gradients in its single pass. ``linear_logprob_reference`` is the readable definition (it
+materialises all ``[T, V]`` logits).
 
 Why: RL post-training needs only the log-prob of the sampled token (and the entropy) per
-position, but the plain route materialises ``[T, V]`` logits, and in fp32 that is huge: T=64K
-tokens x V=151936 (Qwen3 vocab) x 4 bytes = 40 GB, plus as much again for their gradient. The
-Triton kernels here keep only ``[BLOCK_T, BLOCK_V]`` tiles: per block of rows they sweep the vocab,
-build each logit tile with ``tl.dot`` (fp32 accumulation over H) and fold it into an online
-log-sum-exp (running max ``m``, running sum ``s``), the target logit and an entropy accumulator.
-Backward recomputes the tiles instead of storing them (the usual FLOPs-for-memory trade).
+position, but the plain route materialises ``[T, V]`` logits: T=8K tokens x V=151936 (Qwen3's
+vocab) is 5 GB in fp32, plus as much again for their gradient.
 
-The [T]-sized statistics are combined into logp / entropy by a few torch ops after the kernel.
-Tensor parallelism follows megatron's vocab-parallel cross-entropy: each rank holds rows
-``vocab_start .. vocab_start + V_local - 1`` of the vocab and computes per-row statistics for its
-shard; these are combined with all-reduces (MAX of ``m``, SUM of rescaled ``s``, SUM of the target
-logit which only the owning rank contributes), so every rank ends with the global log-prob.
+How (the Liger-Kernel approach): the tokens are taken in chunks whose logits fit a memory budget
+(``chunk_bytes``). For each chunk
 
-``targets == IGNORE_INDEX`` (-100) rows get logp 0 and entropy 0 and receive no gradient.
+1. ``z = h_c @ W.T`` by the platform matmul (cuBLAS on a GPU, the CPU's BLAS here), into one
+   reused ``[rows, V_local]`` buffer in the weight's dtype (bf16 logits in bf16 training, as
+   megatron's output layer produces them);
+2. a Triton kernel sweeps each row once: online log-sum-exp (running max and rescaled sum), the
+   target's logit, and the entropy accumulator ``sum e (z - max)``;
+3. the per-row statistics are combined over the tensor-parallel group as megatron's vocab-parallel
+   cross-entropy does (MAX of the maxima, SUM of the rescaled sums and of the target logit that
+   only the owning rank holds), so every rank ends with the global log-prob and entropy;
+4. for a gradient, a second Triton kernel overwrites the logits in place with
+   ``dz = glp (1[t] - p) - gent p (H + z - lse)`` (``glp, gent``: the loss's gradient with
+   respect to the row's log-prob and entropy), and two matmuls finish the chunk:
+   ``dh_c = dz @ W`` and ``dW += dz.T @ h_c``, the latter accumulated straight into megatron's
+   fp32 ``weight.main_grad`` when the weight has one (no fp32 ``[V, H]`` temporary, no bf16 copy).
+
+FLOPs. ``fused_linear_logprob_loss`` knows each token's loss gradient as soon as its chunk's
+statistics are combined, so one pass does all three matmuls: exactly ``6 T V H`` for forward and
+backward (its backward only rescales by the incoming gradient, see there). ``fused_linear_logprob``
+serves any downstream loss, so its backward must recompute each chunk's logits: ``2 T V H``
+forward (all that old/reference log-probs under ``no_grad`` cost) and ``8 T V H`` with backward.
+
+Rows whose target is ``IGNORE_INDEX`` (-100) are dropped before the matmuls (in RL the prompt's
+positions, often the larger part of a sequence, cost nothing); they get log-prob 0, entropy 0 and
+no gradient. ``vocab_limit`` marks the vocabulary's padding: columns with a global id at or above
+it count in neither the log-sum-exp, the entropy nor the gradient.
+
+On a CPU the same chunked algorithm runs with torch ops for steps 2 and 4 (``engine="torch"``),
+so CPU training never holds ``[T, V]`` either; under ``TRITON_INTERPRET=1`` the Triton kernels run
+in the interpreter, which is how the tests check them without a GPU. On a GPU the kernels'
+vocab tile and warp count are autotuned per vocab size.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -33,209 +57,213 @@ import triton
 import triton.language as tl
 
 IGNORE_INDEX = -100
-
-# fp32 inputs use IEEE fp32 dots: TF32 (Triton's default on Ampere+) would cost ~1e-3 relative error
-# on the logits and break the fp32-vs-float64 test tolerances. Set to "tf32" to trade accuracy for
-# speed. bf16/fp16 inputs always use the native tensor-core dot.
-FP32_DOT_PRECISION = "ieee"
-
-
-@dataclass(frozen=True)
-class Blocks:
-    """Tile sizes (all >= 16, powers of two, for tl.dot) and launch parameters."""
-
-    t: int = 64
-    v: int = 128
-    h: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-# Module-level so tests (and tuning) can swap it with monkeypatch; small tiles exercise the masks.
-BLOCKS = Blocks()
+#: Default memory budget for one chunk of logits (and, on the torch engine, its fp32 temporaries).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+ENGINES = ("auto", "triton", "torch")
+#: Vocab tile of the kernels under the Triton interpreter (no autotuning there); tests make it
+#: small so a row spans several tiles and a ragged last one.
+INTERPRET_BLOCK_V = 256
+#: The weight-gradient accumulation path the last backward took (for tests and the benchmark):
+#: "fp32" (fp32 operands), "addmm_out_dtype" (one bf16/fp16 GEMM accumulating in fp32 into the
+#: target), "sliced" (bf16/fp16 GEMM per vocab slice, added to the fp32 target), "cpu_upcast".
+LAST_WGRAD_PATH: str | None = None
 
 
 def _empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here, uninitialised. Tests monkeypatch this to fill
-    NaN, so an element a kernel forgets to write shows up in the comparison."""
+    """Buffers a kernel or matmul fully overwrites come from here, uninitialised. Tests monkeypatch
+    this to fill NaN, so an element nobody writes shows up in the comparison."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _grid(rows: int) -> tuple[int]:
+    """One program per row; a seam for the test that proves a skipped row shows."""
+    return (rows,)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """Fake tensors (torch's FakeTensorMode) carry shapes, not values: the memory measurement in
+    kernels/bench.py runs this module on them. The kernels allocate nothing of their own (their
+    outputs come from ``_empty``), so skipping their launch keeps the allocation pattern exact."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 # --------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels: one program per row of a chunk of logits
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. UPCAST is set only under the Triton interpreter for
-    bf16: it stores bf16 as raw uint16 and its dot multiplies those bit patterns (triton 3.9).
-    bf16 -> fp32 is exact, so this matches the GPU's bf16 dot up to summation order."""
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, m_ptr, s_ptr, ez_ptr, zt_ptr, col_limit, vocab_start,
+                      WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """For row r of z (its first ``col_limit`` columns): m = max z, s = sum exp(z - m),
+    ez = sum exp(z - m) (z - m), zt = z[target - vocab_start] (0 if not in this shard)."""
+    row = tl.program_id(0)
+    z_row = z_ptr + row.to(tl.int64) * z_stride
+    m = float("-inf")
+    s = 0.0
+    ez = 0.0
+    for v0 in range(0, col_limit, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = cols < col_limit
+        z = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        # each tile holds >= 1 valid column, so m_new is finite from the first tile on
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
+        e = tl.exp(z - m_new)  # masked columns: exp(-inf) = 0
+        if WITH_ENTROPY:
+            # kept relative to the running max (sum e (z - m), not sum e z), so that
+            # entropy = log s - ez / s has no cancellation between two |z|-sized terms;
+            # rebasing to m_new: sum e'(z - m_new) = alpha (ez + (m - m_new) s)
+            zrel = tl.where(ok, z - m_new, 0.0)
+            shift = tl.where(s > 0.0, m - m_new, 0.0)  # s = 0 before the first tile: no -inf * 0
+            ez = alpha * (ez + shift * s) + tl.sum(e * zrel, axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+    local = tl.load(tgt_ptr + row) - vocab_start
+    owned = (local >= 0) & (local < col_limit)
+    zt = tl.load(z_row + tl.where(owned, local, 0), mask=owned, other=0.0).to(tl.float32)
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    tl.store(zt_ptr + row, zt)
+    if WITH_ENTROPY:
+        tl.store(ez_ptr + row, ez)
+
+
+@triton.jit
+def _row_grad_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, n_cols, col_limit,
+                     vocab_start, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Overwrites row r of z with dL/dz = glp (1[j = t] - p_j) - gent p_j (H + z_j - lse), where
+    p = softmax (global lse) and H the entropy; 0 in the padding columns (>= col_limit)."""
+    row = tl.program_id(0)
+    z_row = z_ptr + row.to(tl.int64) * z_stride
+    lse = tl.load(lse_ptr + row)
+    glp = tl.load(glp_ptr + row)
+    local = tl.load(tgt_ptr + row) - vocab_start
+    if WITH_ENTROPY:
+        ent = tl.load(ent_ptr + row)
+        gent = tl.load(gent_ptr + row)
+    for v0 in range(0, n_cols, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = cols < col_limit
+        zc = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32) - lse
+        p = tl.where(ok, tl.exp(zc), 0.0)
+        dz = tl.where(cols == local, glp, 0.0) - glp * p
+        if WITH_ENTROPY:
+            # dH/dz_j = p_j (E[z] - z_j) and E[z] - z_j = -(H + z_j - lse)
+            dz -= gent * p * (ent + zc)
+        tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+def _tile_configs() -> list:
+    return [triton.Config({"BLOCK_V": b}, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)
+            if b >= 128 * w]
+
+
+# Autotuned on a GPU, per vocab shard size (a Triton autotuner times every config on first use;
+# the gradient kernel writes in place, so it restores z between the trial runs).
+_row_stats_tuned = triton.autotune(configs=_tile_configs(), key=["col_limit", "WITH_ENTROPY"])(_row_stats_kernel)
+_row_grad_tuned = triton.autotune(configs=_tile_configs(), key=["n_cols", "WITH_ENTROPY"],
+                                  restore_value=["z_ptr"])(_row_grad_kernel)
+
+
+def _launch(tuned, plain, grid, *args, **kwargs) -> None:
+    if _interpreting():
+        plain[grid](*args, BLOCK_V=INTERPRET_BLOCK_V, **kwargs)
     else:
-        out = tl.dot(a, b, acc, input_precision=PRECISION)
+        tuned[grid](*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-chunk row operations: Triton kernels, or torch ops (CPU)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RowStats:
+    """Per-row statistics of this rank's shard, float32 ``[n]``: max, rescaled sum, entropy
+    accumulator (None without entropy) and the target's logit (0 where another rank owns it)."""
+
+    m: torch.Tensor
+    s: torch.Tensor
+    ez: torch.Tensor | None
+    zt: torch.Tensor
+
+
+def _stats_triton(z: torch.Tensor, tgt: torch.Tensor, col_limit: int, vocab_start: int,
+                  with_entropy: bool) -> _RowStats:
+    n = z.shape[0]
+    out = _RowStats(*(_empty((n,), dtype=torch.float32, device=z.device) for _ in range(2)),
+                    _empty((n,), dtype=torch.float32, device=z.device) if with_entropy else None,
+                    _empty((n,), dtype=torch.float32, device=z.device))
+    if n and not _is_fake(z):
+        _launch(_row_stats_tuned, _row_stats_kernel, _grid(n), z, z.stride(0), tgt, out.m, out.s,
+                out.ez if with_entropy else out.s, out.zt, col_limit, vocab_start, WITH_ENTROPY=with_entropy)
     return out
 
 
-@triton.jit
-def _logit_tile(h_ptr, w_ptr, rows, cols, T, V, H,
-                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """z[rows, cols] = hidden[rows] @ weight[cols].T as a [BLOCK_T, BLOCK_V] fp32 tile.
-    Out-of-range rows/cols come out as 0 (masked loads); callers mask them afterwards."""
-    row_ok = rows < T
-    col_ok = cols < V
-    # int64 offsets: V_local * H can exceed 2**31 (151936 * 16384)
-    h_rows = h_ptr + rows.to(tl.int64)[:, None] * H
-    w_cols = w_ptr + cols.to(tl.int64)[None, :] * H
-    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hs = h0 + tl.arange(0, BLOCK_H)
-        h_ok = hs < H
-        x = tl.load(h_rows + hs[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-        # weight tile loaded already transposed, [BLOCK_H, BLOCK_V], so no tl.trans is needed
-        wt = tl.load(w_cols + hs[:, None], mask=h_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(x, wt, acc, PRECISION, UPCAST)
-    return acc
+def _grad_triton(z: torch.Tensor, tgt: torch.Tensor, col_limit: int, vocab_start: int, lse: torch.Tensor,
+                 ent: torch.Tensor | None, glp: torch.Tensor, gent: torch.Tensor | None) -> None:
+    n = z.shape[0]
+    if n and not _is_fake(z):
+        with_entropy = ent is not None
+        _launch(_row_grad_tuned, _row_grad_kernel, _grid(n), z, z.stride(0), tgt, lse,
+                ent if with_entropy else lse, glp, gent if with_entropy else glp, z.shape[1], col_limit,
+                vocab_start, WITH_ENTROPY=with_entropy)
 
 
-@triton.jit
-def _fwd_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, ez_ptr, zt_ptr, T, V, H, vocab_start,
-                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr, WITH_ENTROPY: tl.constexpr):
-    """Per row of this rank's shard: m = max z, s = sum exp(z - m), ez = sum exp(z - m) * (z - m)
-    and zt = z[target] (0 when the target is not in this shard)."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    local = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - vocab_start
-    m = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    ez = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    zt = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        z = _logit_tile(h_ptr, w_ptr, rows, cols, T, V, H, BLOCK_T, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        # every vocab block has >= 1 valid column, so m_new is finite from the first block on
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)  # 0 on the first block (m = -inf)
-        e = tl.exp(z - m_new[:, None])  # masked columns: exp(-inf) = 0
-        if WITH_ENTROPY:
-            # Entropy accumulator kept relative to the running max (sum e * (z - m), not
-            # sum e * z): entropy = log S - ez / S then has no cancellation between two ~|z|
-            # sized terms. Rebasing to m_new: sum e'(z - m_new) = alpha * (ez + (m - m_new) * s).
-            zrel = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)
-            # before the first block m = -inf and s = 0: zero the shift so -inf * 0 never happens
-            shift = tl.where(s > 0, m - m_new, 0.0)
-            ez = alpha * (ez + shift * s) + tl.sum(e * zrel, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        # col_ok matters: a target owned by the next rank can equal a padded column index
-        hit = (cols[None, :] == local[:, None]) & col_ok[None, :]
-        zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        m = m_new
-    tl.store(m_ptr + rows, m, mask=row_ok)
-    tl.store(s_ptr + rows, s, mask=row_ok)
-    tl.store(zt_ptr + rows, zt, mask=row_ok)
-    if WITH_ENTROPY:
-        tl.store(ez_ptr + rows, ez, mask=row_ok)
+def _stats_torch(z: torch.Tensor, tgt: torch.Tensor, col_limit: int, vocab_start: int,
+                 with_entropy: bool) -> _RowStats:
+    n = z.shape[0]
+    local = tgt - vocab_start
+    owned = (local >= 0) & (local < col_limit)
+    zt = torch.where(owned, z.gather(1, torch.where(owned, local, 0)[:, None]).squeeze(1).float(), 0.0)
+    if col_limit == 0:
+        zero = torch.zeros(n, dtype=torch.float32, device=z.device)
+        return _RowStats(torch.full_like(zero, float("-inf")), zero, zero.clone() if with_entropy else None, zt)
+    zc = z[:, :col_limit].to(torch.float32, copy=True)  # z itself stays: the gradient reuses it
+    m = zc.amax(dim=1)
+    zc.sub_(m[:, None])
+    e = torch.exp(zc)
+    s = e.sum(dim=1)
+    ez = e.mul_(zc).sum(dim=1) if with_entropy else None
+    return _RowStats(m, s, ez, zt)
 
 
-@triton.jit
-def _dlogits(z, cols, col_ok, local, lse, ent, glp, gent, WITH_ENTROPY: tl.constexpr):
-    """dL/dz for a tile: glp * (1[j == t] - p_j) + gent * p_j * (E[z] - z_j), with
-    E[z] - z_j = -(entropy + z_j - lse), so only lse and entropy are needed (both global)."""
-    zc = z - lse[:, None]
-    p = tl.where(col_ok[None, :], tl.exp(zc), 0.0)
-    hit = (cols[None, :] == local[:, None]) & col_ok[None, :]
-    dz = glp[:, None] * (tl.where(hit, 1.0, 0.0) - p)
-    if WITH_ENTROPY:
-        dz -= gent[:, None] * p * (ent[:, None] + zc)
-    return dz
+def _grad_torch(z: torch.Tensor, tgt: torch.Tensor, col_limit: int, vocab_start: int, lse: torch.Tensor,
+                ent: torch.Tensor | None, glp: torch.Tensor, gent: torch.Tensor | None) -> None:
+    if col_limit == 0:  # a TP shard that is all vocabulary padding
+        z.zero_()
+        return
+    dz = z[:, :col_limit].to(torch.float32, copy=True).sub_(lse[:, None])  # z - lse
+    p = torch.exp(dz)
+    if ent is not None:  # -(glp + gent (H + z - lse)) p
+        dz.add_(ent[:, None]).mul_(gent[:, None]).add_(glp[:, None]).mul_(p).neg_()
+    else:  # -glp p
+        dz = p.mul_(-glp[:, None])
+    del p
+    local = tgt - vocab_start
+    owned = (local >= 0) & (local < col_limit)
+    dz.scatter_add_(1, torch.where(owned, local, 0)[:, None], torch.where(owned, glp, 0.0)[:, None])
+    z[:, :col_limit] = dz
+    z[:, col_limit:] = 0
 
 
-@triton.jit
-def _bwd_dh_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dh_ptr,
-                   T, V, H, vocab_start,
-                   BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, WITH_ENTROPY: tl.constexpr):
-    """grad_hidden[rows] = sum over vocab blocks of dz_tile @ W_tile, in fp32 (dh_ptr).
-    One program owns a block of rows, so the accumulation is deterministic without atomics."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    local = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - vocab_start
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)  # 0 on padded rows => dz = 0
-    ent = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    gent = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    if WITH_ENTROPY:
-        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
-    dh_rows = dh_ptr + rows.to(tl.int64)[:, None] * H
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        z = _logit_tile(h_ptr, w_ptr, rows, cols, T, V, H, BLOCK_T, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
-        dz = _dlogits(z, cols, col_ok, local, lse, ent, glp, gent, WITH_ENTROPY)
-        dz = dz.to(w_ptr.dtype.element_ty)  # tensor-core dot for bf16; fp32 stays fp32
-        w_cols = w_ptr + cols.to(tl.int64)[:, None] * H
-        for h0 in range(0, H, BLOCK_H):
-            hs = h0 + tl.arange(0, BLOCK_H)
-            h_ok = hs < H
-            w = tl.load(w_cols + hs[None, :], mask=col_ok[:, None] & h_ok[None, :], other=0.0)
-            out_mask = row_ok[:, None] & h_ok[None, :]
-            # the first vocab block starts from 0 rather than reading the (uninitialised) buffer
-            acc = tl.load(dh_rows + hs[None, :], mask=out_mask & (v0 > 0), other=0.0)
-            acc = _mma(dz, w, acc, PRECISION, UPCAST)
-            tl.store(dh_rows + hs[None, :], acc, mask=out_mask)
-        # the next vocab block re-reads what this one stored, possibly from other threads
-        tl.debug_barrier()
-
-
-@triton.jit
-def _bwd_dw_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dw_ptr,
-                   T, V, H, vocab_start,
-                   BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, WITH_ENTROPY: tl.constexpr):
-    """grad_weight[cols] = sum over row blocks of dz_tile.T @ hidden_tile, in fp32 (dw_ptr).
-    One program owns a block of vocab rows: deterministic, no atomics."""
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    dw_cols = dw_ptr + cols.to(tl.int64)[:, None] * H
-    for t0 in range(0, T, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)
-        row_ok = rows < T
-        local = tl.load(tgt_ptr + rows, mask=row_ok, other=-1) - vocab_start
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
-        ent = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        gent = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        if WITH_ENTROPY:
-            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-            gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
-        z = _logit_tile(h_ptr, w_ptr, rows, cols, T, V, H, BLOCK_T, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
-        dz = _dlogits(z, cols, col_ok, local, lse, ent, glp, gent, WITH_ENTROPY)
-        dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))  # [BLOCK_V, BLOCK_T]
-        h_rows = h_ptr + rows.to(tl.int64)[:, None] * H
-        for h0 in range(0, H, BLOCK_H):
-            hs = h0 + tl.arange(0, BLOCK_H)
-            h_ok = hs < H
-            x = tl.load(h_rows + hs[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-            out_mask = col_ok[:, None] & h_ok[None, :]
-            acc = tl.load(dw_cols + hs[None, :], mask=out_mask & (t0 > 0), other=0.0)
-            acc = _mma(dzt, x, acc, PRECISION, UPCAST)
-            tl.store(dw_cols + hs[None, :], acc, mask=out_mask)
-        tl.debug_barrier()
+_ENGINE_OPS = {"triton": (_stats_triton, _grad_triton), "torch": (_stats_torch, _grad_torch)}
 
 
 # --------------------------------------------------------------------------------------------
-# Python side
+# Validation, planning and the chunk loop (shared by both entry points)
 # --------------------------------------------------------------------------------------------
 
 
 def _validate(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_start: int,
-              tp_group, dtypes: tuple[torch.dtype, ...]) -> None:
+              vocab_limit: int | None, tp_group, dtypes: tuple[torch.dtype, ...]) -> None:
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [T, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
@@ -258,17 +286,428 @@ def _validate(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
     if not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
-    if tp_group is None and targets.numel():
+    if vocab_limit is not None and (not isinstance(vocab_limit, int) or vocab_limit <= 0
+                                    or (tp_group is None and vocab_limit <= vocab_start)):
+        raise ValueError(f"vocab_limit must be an int above vocab_start={vocab_start} (the number of real "
+                         f"vocabulary entries), got {vocab_limit!r}")
+    if targets.numel() and not _is_fake(targets):
         # Without TP the whole vocab is here, so an out-of-range id is a caller bug (it would
-        # silently give logp = -lse). Costs one host sync; with TP the global range is not known.
-        bad = (targets != IGNORE_INDEX) & ((targets < vocab_start) | (targets >= vocab_start + weight.shape[0]))
+        # silently give logp = -lse). One host sync; with TP only the global limit is known.
+        hi = vocab_start + weight.shape[0] if tp_group is None else None
+        if vocab_limit is not None:
+            hi = vocab_limit if hi is None else min(hi, vocab_limit)
+        lo = vocab_start if tp_group is None else 0
+        real = targets != IGNORE_INDEX
+        bad = real & (targets < lo) if hi is None else real & ((targets < lo) | (targets >= hi))
         if bool(bad.any()):
-            raise ValueError(f"targets outside [{vocab_start}, {vocab_start + weight.shape[0]}) "
+            raise ValueError(f"targets outside [{lo}, {hi if hi is not None else 'vocab'}) "
                              f"(other than {IGNORE_INDEX}): {targets[bad][:8].tolist()}")
 
 
 def _tp_active(tp_group) -> bool:
     return tp_group is not None and dist.get_world_size(tp_group) > 1
+
+
+def _pick_engine(engine: str, device: torch.device) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "triton" if device.type == "cuda" or _interpreting() else "torch"
+    if engine == "triton" and device.type != "cuda" and not _interpreting():
+        raise ValueError("engine='triton' got CPU tensors but Triton is not in interpreter mode: set "
+                         "TRITON_INTERPRET=1 before triton is imported, or use engine='torch'")
+    return engine
+
+
+def _row_bytes(engine: str, v_local: int, dtype: torch.dtype) -> int:
+    """Bytes one row of a chunk costs: its logits, plus on the torch engine the fp32 temporaries
+    of its row operations (two fp32 rows: the shifted logits and their exponential)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return v_local * (itemsize + (8 if engine == "torch" else 0))
+
+
+@dataclass
+class _Plan:
+    """What the chunk loop needs: the rows that count and how to cut them."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    targets: torch.Tensor
+    vocab_start: int
+    col_limit: int
+    tp_group: dist.ProcessGroup | None
+    with_entropy: bool
+    engine: str
+    chunk_rows: int
+    rows: torch.Tensor | None  # indices of the rows with a real target; None = all rows
+
+    @property
+    def n(self) -> int:
+        return self.hidden.shape[0] if self.rows is None else self.rows.numel()
+
+    def chunks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """(positions among the counted rows, the chunk's hidden rows, its targets)."""
+        for start in range(0, self.n, self.chunk_rows):
+            pos = slice(start, min(start + self.chunk_rows, self.n))
+            if self.rows is None:
+                yield pos, self.hidden[pos], self.targets[pos]
+            else:
+                idx = self.rows[pos]
+                yield pos, self.hidden.index_select(0, idx), self.targets.index_select(0, idx)
+
+    def scatter_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """[n] over the counted rows -> [T], 0 on the ignored rows."""
+        if self.rows is None:
+            return values
+        out = torch.zeros(self.hidden.shape[0], dtype=values.dtype, device=values.device)
+        return out.index_copy_(0, self.rows, values)
+
+    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.rows is None else values.index_select(0, self.rows)
+
+    def stash(self, ctx, *extra: torch.Tensor | None) -> None:
+        """Keep the plan on ``ctx`` with its input tensors saved the autograd way (version checks,
+        no reference cycles), plus ``extra`` saved tensors."""
+        ctx.save_for_backward(self.hidden, self.weight, self.targets, *extra)
+        ctx.plan = replace(self, hidden=None, weight=None, targets=None)
+
+    @staticmethod
+    def unstash(ctx) -> tuple[_Plan, tuple[torch.Tensor | None, ...]]:
+        hidden, weight, targets, *extra = ctx.saved_tensors
+        return replace(ctx.plan, hidden=hidden, weight=weight, targets=targets), tuple(extra)
+
+
+def _plan(hidden, weight, targets, *, vocab_start, vocab_limit, tp_group, with_entropy, chunk_bytes,
+          engine) -> _Plan:
+    _validate(hidden, weight, targets, vocab_start, vocab_limit, tp_group,
+              (torch.float32, torch.bfloat16, torch.float16))
+    engine = _pick_engine(engine, hidden.device)
+    v_local = weight.shape[0]
+    per_row = _row_bytes(engine, v_local, weight.dtype)
+    if not isinstance(chunk_bytes, int) or chunk_bytes < per_row:
+        raise ValueError(f"chunk_bytes={chunk_bytes!r} is smaller than one row of logits ({v_local} vocab "
+                         f"entries x {per_row // v_local} bytes = {per_row} bytes on the {engine} engine): raise it")
+    col_limit = v_local if vocab_limit is None else max(0, min(v_local, vocab_limit - vocab_start))
+    rows = None
+    if not _is_fake(targets):  # fake tensors have no values: every row counts (the worst case)
+        real = targets != IGNORE_INDEX
+        if not bool(real.all()):
+            rows = real.nonzero().squeeze(1)
+    return _Plan(hidden, weight, targets.contiguous(), vocab_start, col_limit, tp_group, with_entropy, engine,
+                 chunk_rows=max(1, chunk_bytes // per_row), rows=rows)
+
+
+def _chunk_logits(plan: _Plan, h: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """z = h @ W.T for one chunk, by the platform matmul, into the reused buffer."""
+    z = buf[: h.shape[0]]
+    torch.mm(h, plan.weight.t(), out=z)
+    return z
+
+
+def _combine(plan: _Plan, st: _RowStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row statistics of this shard -> global (lse, logp, entropy), as megatron's
+    vocab-parallel cross-entropy combines them; [n]-sized all-reduces only."""
+    m, s, ez, zt = st.m, st.s, st.ez, st.zt
+    if _tp_active(plan.tp_group):
+        big_m = m.clone()
+        dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=plan.tp_group)
+        has = s > 0  # a shard that is all vocabulary padding has m = -inf, s = 0
+        scale = torch.where(has, torch.exp(m - big_m), 0.0)
+        parts = [s * scale, zt] + ([torch.where(has, scale * (ez + (m - big_m) * s), 0.0)] if ez is not None else [])
+        packed = torch.stack(parts)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=plan.tp_group)
+        m, s, zt = big_m, packed[0], packed[1]
+        ez = packed[2] if ez is not None else None
+    log_s = torch.log(s)
+    lse = m + log_s
+    entropy = log_s - ez / s if ez is not None else None
+    return lse, zt - lse, entropy
+
+
+@dataclass
+class _WeightGrad:
+    """Where dW accumulates: megatron's fp32 ``main_grad`` (returned to autograd as None, the
+    DDP hook of a tied embedding still adds that path's own gradient), or an fp32 buffer that
+    becomes the returned gradient (no main_grad: plain torch use)."""
+
+    target: torch.Tensor
+    into_main_grad: bool
+
+    @classmethod
+    def for_weight(cls, weight: torch.Tensor) -> _WeightGrad:
+        main = getattr(weight, "main_grad", None)
+        if main is not None:
+            if main.shape != weight.shape or main.dtype != torch.float32:
+                raise ValueError(f"weight.main_grad must be fp32 {tuple(weight.shape)}, got {main.dtype} "
+                                 f"{tuple(main.shape)}")
+            return cls(main, True)
+        return cls(torch.zeros(weight.shape, dtype=torch.float32, device=weight.device), False)
+
+    def as_grad(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if self.into_main_grad:
+            return None
+        return self.target if weight.dtype == torch.float32 else self.target.to(weight.dtype)
+
+
+def _accumulate_wgrad(target: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, slice_bytes: int) -> None:
+    """target (fp32 [V, H]) += dz.T @ h, with dz, h in the weight's dtype: one GEMM that
+    accumulates in fp32 straight into the target where the platform has it."""
+    global LAST_WGRAD_PATH
+    if dz.dtype == torch.float32:
+        torch.addmm(target, dz.t(), h, out=target)
+        LAST_WGRAD_PATH = "fp32"
+        return
+    if target.device.type == "cuda":
+        try:
+            torch.addmm(target, dz.t(), h, out_dtype=torch.float32, out=target)
+            LAST_WGRAD_PATH = "addmm_out_dtype"
+            return
+        except (RuntimeError, TypeError):  # torch builds whose fp32-accumulating addmm wants a bf16 input
+            pass
+        # bounded temporaries instead: one fp32 [slice, H] product per vocab slice
+        step = max(1, slice_bytes // (4 * h.shape[1]))
+        for v0 in range(0, target.shape[0], step):
+            target[v0:v0 + step] += torch.mm(dz[:, v0:v0 + step].t(), h, out_dtype=torch.float32)
+        LAST_WGRAD_PATH = "sliced"
+        return
+    torch.addmm(target, dz.t().float(), h.float(), out=target)  # CPU: 16-bit GEMMs have no fp32 output here
+    LAST_WGRAD_PATH = "cpu_upcast"
+
+
+def _stats_pass(plan: _Plan) -> _RowStats:
+    """Forward statistics of every counted row, chunk by chunk (2 T V H FLOPs)."""
+    stats_op = _ENGINE_OPS[plan.engine][0]
+    dev = plan.hidden.device
+    parts: list[_RowStats] = []
+    if plan.n:
+        buf = _empty((min(plan.chunk_rows, plan.n), plan.weight.shape[0]), dtype=plan.weight.dtype, device=dev)
+        for _, h, tgt in plan.chunks():
+            parts.append(stats_op(_chunk_logits(plan, h, buf), tgt, plan.col_limit, plan.vocab_start,
+                                  plan.with_entropy))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.float32, device=dev)
+        return _RowStats(empty, empty, empty if plan.with_entropy else None, empty)
+    cat = (lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0])  # noqa: E731
+    return _RowStats(cat([p.m for p in parts]), cat([p.s for p in parts]),
+                     cat([p.ez for p in parts]) if plan.with_entropy else None, cat([p.zt for p in parts]))
+
+
+def _grad_pass(plan: _Plan, lse: torch.Tensor, ent: torch.Tensor | None, glp: torch.Tensor,
+               gent: torch.Tensor | None, dh: torch.Tensor | None, dw: _WeightGrad | None,
+               chunk_bytes: int) -> None:
+    """Recompute each chunk's logits, turn them into dL/dz in place, then dh and dW by matmul."""
+    grad_op = _ENGINE_OPS[plan.engine][1]
+    if not plan.n:
+        return
+    buf = _empty((min(plan.chunk_rows, plan.n), plan.weight.shape[0]), dtype=plan.weight.dtype,
+                 device=plan.hidden.device)
+    for pos, h, tgt in plan.chunks():
+        z = _chunk_logits(plan, h, buf)
+        grad_op(z, tgt, plan.col_limit, plan.vocab_start, lse[pos], None if ent is None else ent[pos],
+                glp[pos], None if gent is None else gent[pos])
+        _chunk_input_grads(plan, pos, z, h, dh, dw, chunk_bytes)
+
+
+def _chunk_input_grads(plan: _Plan, pos: slice, dz: torch.Tensor, h: torch.Tensor, dh: torch.Tensor | None,
+                       dw: _WeightGrad | None, chunk_bytes: int) -> None:
+    if dh is not None:
+        if plan.rows is None:
+            torch.mm(dz, plan.weight, out=dh[pos])
+        else:
+            dh.index_copy_(0, plan.rows[pos], torch.mm(dz, plan.weight))
+    if dw is not None:
+        _accumulate_wgrad(dw.target, dz, h, chunk_bytes)
+
+
+def _row_grads(plan: _Plan, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, scale: float = 1.0):
+    glp = (plan.gather_rows(g_logp).float() * scale if g_logp is not None
+           else torch.zeros(plan.n, dtype=torch.float32, device=plan.hidden.device))
+    gent = None
+    if plan.with_entropy:
+        gent = (plan.gather_rows(g_ent).float() * scale if g_ent is not None
+                else torch.zeros(plan.n, dtype=torch.float32, device=plan.hidden.device))
+    return glp.contiguous(), None if gent is None else gent.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd functions
+# --------------------------------------------------------------------------------------------
+
+
+class _LinearLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, plan: _Plan, chunk_bytes: int):
+        st = _stats_pass(plan)
+        lse, logp, entropy = _combine(plan, st)
+        ctx.chunk_bytes = chunk_bytes
+        plan.stash(ctx, lse, entropy)
+        logp = plan.scatter_rows(logp)
+        if plan.with_entropy:
+            return logp, plan.scatter_rows(entropy)
+        return logp
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent=None):
+        plan, (lse, entropy) = _Plan.unstash(ctx)
+        glp, gent = _row_grads(plan, g_logp, g_ent)
+        dh = dw = None
+        if ctx.needs_input_grad[0]:
+            dh = (torch.zeros if plan.rows is not None else _empty)(plan.hidden.shape, dtype=plan.hidden.dtype,
+                                                                       device=plan.hidden.device)
+        if ctx.needs_input_grad[1]:
+            dw = _WeightGrad.for_weight(plan.weight)
+        _grad_pass(plan, lse, entropy, glp, gent, dh, dw, ctx.chunk_bytes)
+        return dh, None if dw is None else dw.as_grad(plan.weight), None, None, None
+
+
+#: ``token_loss(logp [n], entropy [n] or None, rows [n]) -> 0-dim loss`` of one chunk's tokens;
+#: ``rows`` are their indices into ``[T]``. The total loss is the sum over chunks.
+TokenLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+
+
+class _LinearLogprobLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, plan: _Plan, chunk_bytes: int, token_loss: TokenLoss):
+        stats_op, grad_op = _ENGINE_OPS[plan.engine]
+        dev = hidden.device
+        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = dw = None
+        if want_dh:
+            dh = (torch.zeros if plan.rows is not None else _empty)(hidden.shape, dtype=hidden.dtype, device=dev)
+        if want_dw:
+            dw = _WeightGrad.for_weight(weight)
+        total = torch.zeros((), dtype=torch.float32, device=dev)
+        logps, ents, lses, glps, gents = [], [], [], [], []
+        all_rows = torch.arange(hidden.shape[0], device=dev) if plan.rows is None else plan.rows
+        if plan.n:
+            buf = _empty((min(plan.chunk_rows, plan.n), weight.shape[0]), dtype=weight.dtype, device=dev)
+        for pos, h, tgt in plan.chunks():
+            z = _chunk_logits(plan, h, buf)
+            lse, logp, ent = _combine(plan, stats_op(z, tgt, plan.col_limit, plan.vocab_start, plan.with_entropy))
+            with torch.enable_grad():
+                lp = logp.detach().requires_grad_(True)
+                en = ent.detach().requires_grad_(True) if ent is not None else None
+                loss = token_loss(lp, en, all_rows[pos])
+                if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+                    raise ValueError(f"token_loss must return a 0-dim tensor, got {type(loss).__name__} "
+                                     f"{tuple(getattr(loss, 'shape', ()))}")
+                wrt = [lp] + ([en] if en is not None else [])
+                grads = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad else [None] * len(wrt)
+            glp = grads[0] if grads[0] is not None else torch.zeros_like(lp)
+            gent = (grads[1] if grads[1] is not None else torch.zeros_like(en)) if en is not None else None
+            total += loss.detach().float()
+            logps.append(logp)
+            ents.append(ent)
+            lses.append(lse)
+            # contiguous: a gradient of a sum can be an expanded (stride-0) tensor
+            glps.append(glp.detach().float().contiguous())
+            gents.append(gent.detach().float().contiguous() if gent is not None else None)
+            if want_dh or want_dw:
+                grad_op(z, tgt, plan.col_limit, plan.vocab_start, lse, ent, glps[-1], gents[-1])
+                _chunk_input_grads(plan, pos, z, h, dh, dw, chunk_bytes)
+        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.float32, device=dev))  # noqa: E731
+        logp_all = plan.scatter_rows(cat(logps))
+        ent_all = plan.scatter_rows(cat(ents)) if plan.with_entropy else None
+        ctx.chunk_bytes, ctx.dw = chunk_bytes, dw
+        plan.stash(ctx, dh, cat(lses), cat(ents) if plan.with_entropy else None, cat(glps),
+                   cat(gents) if plan.with_entropy else None)
+        outs = (logp_all,) + ((ent_all,) if plan.with_entropy else ())
+        ctx.mark_non_differentiable(*outs)
+        return (total,) + outs
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        plan, (dh, lse, ent, glp, gent) = _Plan.unstash(ctx)
+        dw: _WeightGrad | None = ctx.dw
+        g = float(g_loss)
+        if dh is not None and g != 1.0:
+            dh = dh * g
+        grad_w = None
+        if dw is not None:
+            if not dw.into_main_grad:
+                grad_w = dw.as_grad(plan.weight) * g if g != 1.0 else dw.as_grad(plan.weight)
+            elif g != 1.0:
+                # main_grad already holds 1 x this loss's dW (added in the forward); make it g x:
+                # one more pass (4 T V H) adds (g - 1) x dW. The usual case, g = 1 (megatron's
+                # bf16/fp32 loss scale with calculate_per_token_loss), never comes here.
+                _grad_pass(plan, lse, ent, glp * (g - 1.0), None if gent is None else gent * (g - 1.0),
+                           None, dw, ctx.chunk_bytes)
+        return dh, grad_w, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         vocab_start: int = 0, vocab_limit: int | None = None,
+                         tp_group: dist.ProcessGroup | None = None, with_entropy: bool = False,
+                         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                         engine: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob of ``targets`` under ``softmax(hidden @ weight.T)``, one chunk of
+    logits at a time.
+
+    Args:
+        hidden: [T, H] fp32 / bf16 / fp16, identical on every TP rank.
+        weight: [V_local, H], same dtype; this rank's vocab shard, i.e. rows
+            ``vocab_start .. vocab_start + V_local - 1`` of the global output embedding. When it
+            carries megatron's fp32 ``main_grad``, its gradient is accumulated there (and autograd
+            gets None for it).
+        targets: [T] int64 global token ids; -100 marks ignored rows.
+        vocab_start: first global vocab id of this shard.
+        vocab_limit: the number of real vocabulary entries; ids at or above it (the padding a
+            vocab-parallel embedding adds) are left out of the softmax. None: no padding.
+        tp_group: TP process group the vocab is split over (None: the whole vocab is local).
+        with_entropy: also return the entropy of the full (global) softmax per row.
+        chunk_bytes: memory budget of one chunk of logits (plus, on the torch engine, its fp32
+            temporaries); the chunk has ``chunk_bytes // bytes-per-row`` rows.
+        engine: ``triton`` (the kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``torch``
+            (torch ops per chunk), ``auto`` (triton where it can run, else torch).
+
+    Returns:
+        ``logp`` [T] float32, or ``(logp, entropy)``. Ignored rows are 0 in both and get no gradient.
+
+    Gradients: ``hidden`` gets only this rank's LOCAL contribution ``dz_local @ W_local``, NOT
+    all-reduced: as with megatron's ColumnParallelLinear, the caller feeds ``hidden`` through
+    ``copy_to_tensor_model_parallel_region`` (or the sequence-parallel all-gather), whose backward
+    sums the contributions over the TP group. The backward recomputes each chunk's logits
+    (``8 T V H`` FLOPs in all; see ``fused_linear_logprob_loss`` for ``6 T V H``).
+    """
+    plan = _plan(hidden, weight, targets, vocab_start=vocab_start, vocab_limit=vocab_limit, tp_group=tp_group,
+                 with_entropy=bool(with_entropy), chunk_bytes=chunk_bytes, engine=engine)
+    return _LinearLogprob.apply(hidden, weight, targets, plan, chunk_bytes)
+
+
+def fused_linear_logprob_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              token_loss: TokenLoss, *, vocab_start: int = 0, vocab_limit: int | None = None,
+                              tp_group: dist.ProcessGroup | None = None, with_entropy: bool = False,
+                              chunk_bytes: int = DEFAULT_CHUNK_BYTES, engine: str = "auto",
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A loss that is a sum over tokens of a function of each token's log-prob (and entropy),
+    with forward and backward in one chunked pass: exactly ``6 T V H`` FLOPs.
+
+    ``token_loss(logp, entropy, rows)`` gets one chunk's float32 ``logp`` [n] and ``entropy`` [n]
+    (None without ``with_entropy``) of the rows ``rows`` [n] (indices into ``[T]``, ignored rows
+    left out) and returns that chunk's share of the loss as a 0-dim tensor, differentiable in
+    ``logp`` and ``entropy`` (e.g. ``-(advantages[rows] * logp).sum() / n_tokens``). Its gradient
+    is taken per chunk, so it must not couple rows of different chunks.
+
+    Returns ``(loss, logp [T], entropy [T] or None)``; only ``loss`` is differentiable (in
+    ``hidden`` and ``weight``), the log-probs are detached values for metrics. Arguments otherwise
+    as :func:`fused_linear_logprob`, TP included (the loss comes out the same on every rank).
+
+    The gradients are computed in the forward, for an incoming loss gradient of 1; the backward
+    rescales ``dh`` by the actual one. With ``weight.main_grad`` the weight gradient is already
+    accumulated there by the forward; an incoming gradient other than 1 (fp16 loss scaling) costs
+    one extra recompute pass to correct it.
+    """
+    if not callable(token_loss):
+        raise ValueError(f"token_loss must be callable, got {type(token_loss).__name__}")
+    plan = _plan(hidden, weight, targets, vocab_start=vocab_start, vocab_limit=vocab_limit, tp_group=tp_group,
+                 with_entropy=bool(with_entropy), chunk_bytes=chunk_bytes, engine=engine)
+    out = _LinearLogprobLoss.apply(hidden, weight, targets, plan, chunk_bytes, token_loss)
+    return out[0], out[1], out[2] if with_entropy else None
 
 
 class _AllReduceSumForward(torch.autograd.Function):
@@ -288,9 +727,11 @@ class _AllReduceSumForward(torch.autograd.Function):
 
 
 def linear_logprob_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                             vocab_start: int = 0, tp_group: dist.ProcessGroup | None = None,
+                             vocab_start: int = 0, vocab_limit: int | None = None,
+                             tp_group: dist.ProcessGroup | None = None,
                              with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Readable definition (materialises the [T, V_local] logits), autograd-differentiable.
+    """Readable definition (materialises the [T, V_local] logits), autograd-differentiable: the
+    "materialised path" the benchmark compares against.
 
     Computes in float64 for float64 inputs, else float32. With ``tp_group`` it combines the shards
     exactly like megatron's vocab-parallel cross-entropy; the max is detached (the log-sum-exp does
@@ -298,15 +739,21 @@ def linear_logprob_reference(hidden: torch.Tensor, weight: torch.Tensor, targets
     ``hidden.grad`` is this rank's LOCAL contribution, as in ``fused_linear_logprob``.
     Returns ``logp`` [T], or ``(logp, entropy)``; rows with target -100 give 0 and no gradient.
     """
-    _validate(hidden, weight, targets, vocab_start, tp_group,
+    _validate(hidden, weight, targets, vocab_start, vocab_limit, tp_group,
               (torch.float32, torch.bfloat16, torch.float16, torch.float64))
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     tp = _tp_active(tp_group)
     z = hidden.to(dtype) @ weight.to(dtype).T
+    if vocab_limit is not None:  # the padding columns are not part of the softmax
+        z = z[:, : max(0, min(weight.shape[0], vocab_limit - vocab_start))]
     local = targets - vocab_start
-    owned = (local >= 0) & (local < weight.shape[0])
-    zt = torch.where(owned, z.gather(1, torch.where(owned, local, 0)[:, None]).squeeze(1), 0.0)
-    m = z.detach().amax(dim=1)
+    owned = (local >= 0) & (local < z.shape[1])
+    if z.shape[1]:
+        zt = torch.where(owned, z.gather(1, torch.where(owned, local, 0)[:, None]).squeeze(1), 0.0)
+        m = z.detach().amax(dim=1)
+    else:  # a TP shard that is all padding
+        zt = z.sum(dim=1)
+        m = torch.full_like(zt.detach(), float("-inf"))
     if tp:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
     e = torch.exp(z - m[:, None])
@@ -322,128 +769,3 @@ def linear_logprob_reference(hidden: torch.Tensor, weight: torch.Tensor, targets
         return logp
     entropy = torch.where(valid, torch.log(s) - ez / s, 0.0)
     return logp, entropy
-
-
-def _launch_args(hidden: torch.Tensor):
-    b = BLOCKS
-    # input_precision only changes fp32 dots; 16-bit operands get the tensor-core dot either way
-    precision = FP32_DOT_PRECISION if hidden.dtype == torch.float32 else "tf32"
-    upcast = _interpreting() and hidden.dtype == torch.bfloat16  # see _mma
-    return b, dict(BLOCK_T=b.t, BLOCK_V=b.v, BLOCK_H=b.h, PRECISION=precision, UPCAST=upcast,
-                   num_warps=b.num_warps, num_stages=b.num_stages)
-
-
-class _FusedLinearLogprob(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_start, tp_group, with_entropy):
-        T, H = hidden.shape
-        V = weight.shape[0]
-        dev = hidden.device
-        m = _empty((T,), dtype=torch.float32, device=dev)
-        s = _empty((T,), dtype=torch.float32, device=dev)
-        zt = _empty((T,), dtype=torch.float32, device=dev)
-        ez = _empty((T,), dtype=torch.float32, device=dev) if with_entropy else s  # s: unused dummy
-        b, kw = _launch_args(hidden)
-        if T:
-            _fwd_kernel[_grid(T, b.t)](hidden, weight, targets, m, s, ez, zt, T, V, H,
-                                                vocab_start, WITH_ENTROPY=with_entropy, **kw)
-        if _tp_active(tp_group):
-            # megatron's vocab-parallel combine, on [T]-sized statistics only
-            M = m.clone()
-            dist.all_reduce(M, op=dist.ReduceOp.MAX, group=tp_group)
-            scale = torch.exp(m - M)
-            parts = [s * scale, zt] + ([scale * (ez + (m - M) * s)] if with_entropy else [])
-            packed = torch.stack(parts)
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
-            m, s, zt = M, packed[0], packed[1]
-            if with_entropy:
-                ez = packed[2]
-        valid = targets != IGNORE_INDEX
-        log_s = torch.log(s)
-        lse = m + log_s
-        logp = torch.where(valid, zt - lse, 0.0)
-        entropy = torch.where(valid, log_s - ez / s, 0.0) if with_entropy else None
-        ctx.vocab_start = vocab_start
-        ctx.with_entropy = with_entropy
-        # Backward needs lse and, for the entropy term, E[z]; it uses E[z] - z = -(entropy + z - lse)
-        # so the (already computed) entropy is saved instead of E[z] (no |z|-sized cancellation).
-        if with_entropy:
-            ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-            return logp, entropy
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        return logp
-
-    @staticmethod
-    def backward(ctx, *grads):
-        hidden, weight, targets, lse, *rest = ctx.saved_tensors
-        T, H = hidden.shape
-        V = weight.shape[0]
-        valid = targets != IGNORE_INDEX
-        # ignored rows get no gradient, whatever the upstream says
-        glp = torch.where(valid, grads[0].float(), 0.0).contiguous()
-        if ctx.with_entropy:
-            ent = rest[0]
-            gent = torch.where(valid, grads[1].float(), 0.0).contiguous()
-        else:
-            ent = gent = glp  # unused dummies (WITH_ENTROPY=False)
-        b, kw = _launch_args(hidden)
-        args = (hidden, weight, targets, lse, ent, glp, gent)
-        grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            dh = _empty((T, H), dtype=torch.float32, device=hidden.device)
-            if T:
-                _bwd_dh_kernel[_grid(T, b.t)](*args, dh, T, V, H, ctx.vocab_start,
-                                                       WITH_ENTROPY=ctx.with_entropy, **kw)
-            grad_hidden = dh.to(hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = _empty((V, H), dtype=torch.float32, device=weight.device)
-            if T:
-                _bwd_dw_kernel[_grid(V, b.v)](*args, dw, T, V, H, ctx.vocab_start,
-                                                       WITH_ENTROPY=ctx.with_entropy, **kw)
-            else:
-                dw.zero_()
-            grad_weight = dw.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
-
-
-def _grid(n: int, block: int) -> tuple[int]:
-    """Number of programs covering n items; a seam for the test that proves a skipped block shows."""
-    return (triton.cdiv(n, block),)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         vocab_start: int = 0, tp_group: dist.ProcessGroup | None = None,
-                         with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-prob of ``targets`` under ``softmax(hidden @ weight.T)``, never building
-    the [T, V] logits.
-
-    Args:
-        hidden: [T, H] fp32 / bf16 / fp16, identical on every TP rank.
-        weight: [V_local, H], same dtype; this rank's vocab shard, i.e. rows
-            ``vocab_start .. vocab_start + V_local - 1`` of the global output embedding.
-        targets: [T] int64 global token ids; -100 marks ignored rows.
-        vocab_start: first global vocab id of this shard.
-        tp_group: TP process group the vocab is split over (None: the whole vocab is local).
-        with_entropy: also return the entropy of the full (global) softmax per row.
-
-    Returns:
-        ``logp`` [T] float32, or ``(logp, entropy)``. Ignored rows are 0 in both and get no gradient.
-
-    Gradients: ``weight`` gets this shard's gradient. ``hidden`` gets only this rank's LOCAL
-    contribution ``dz_local @ W_local``, NOT all-reduced: as with megatron's ColumnParallelLinear,
-    the caller feeds ``hidden`` through ``copy_to_tensor_model_parallel_region`` (or the sequence
-    parallel all-gather), whose backward sums the contributions over the TP group.
-
-    Non-contiguous inputs are copied contiguous. On CPU without ``TRITON_INTERPRET=1`` Triton
-    cannot run, so this falls back to ``linear_logprob_reference`` (which materialises the logits).
-    """
-    _validate(hidden, weight, targets, vocab_start, tp_group, (torch.float32, torch.bfloat16, torch.float16))
-    if hidden.device.type == "cpu" and not _interpreting():
-        return linear_logprob_reference(hidden, weight, targets, vocab_start=vocab_start,
-                                        tp_group=tp_group, with_entropy=with_entropy)
-    return _FusedLinearLogprob.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
-                                     vocab_start, tp_group, bool(with_entropy))
