@@ -84,6 +84,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _rows(x: torch.Tensor, pos: slice) -> torch.Tensor:
+    """x[pos] for a step-1 slice, as ``narrow`` (Python indexing of a fake CUDA tensor on a CPU-only
+    torch build asks for a CUDA device guard and fails; ``narrow`` goes through the dispatcher)."""
+    return x.narrow(0, pos.start, pos.stop - pos.start)
+
+
 def _is_fake(t: torch.Tensor) -> bool:
     """Fake tensors (torch's FakeTensorMode) carry shapes, not values: the memory measurement in
     kernels/bench.py runs this module on them. The kernels allocate nothing of their own (their
@@ -327,7 +333,7 @@ def _row_bytes(engine: str, v_local: int, dtype: torch.dtype) -> int:
 
 
 @dataclass
-class _Plan:
+class ChunkPlan:
     """What the chunk loop needs: the rows that count and how to cut them."""
 
     hidden: torch.Tensor
@@ -350,9 +356,9 @@ class _Plan:
         for start in range(0, self.n, self.chunk_rows):
             pos = slice(start, min(start + self.chunk_rows, self.n))
             if self.rows is None:
-                yield pos, self.hidden[pos], self.targets[pos]
+                yield pos, _rows(self.hidden, pos), _rows(self.targets, pos)
             else:
-                idx = self.rows[pos]
+                idx = _rows(self.rows, pos)
                 yield pos, self.hidden.index_select(0, idx), self.targets.index_select(0, idx)
 
     def scatter_rows(self, values: torch.Tensor) -> torch.Tensor:
@@ -372,13 +378,17 @@ class _Plan:
         ctx.plan = replace(self, hidden=None, weight=None, targets=None)
 
     @staticmethod
-    def unstash(ctx) -> tuple[_Plan, tuple[torch.Tensor | None, ...]]:
+    def unstash(ctx) -> tuple[ChunkPlan, tuple[torch.Tensor | None, ...]]:
         hidden, weight, targets, *extra = ctx.saved_tensors
         return replace(ctx.plan, hidden=hidden, weight=weight, targets=targets), tuple(extra)
 
 
-def _plan(hidden, weight, targets, *, vocab_start, vocab_limit, tp_group, with_entropy, chunk_bytes,
-          engine) -> _Plan:
+def chunk_plan(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, vocab_start: int = 0,
+               vocab_limit: int | None = None, tp_group: dist.ProcessGroup | None = None, with_entropy: bool = False,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES, engine: str = "auto") -> ChunkPlan:
+    """Validate the arguments and cut the counted rows into chunks (the arguments are those of
+    :func:`fused_linear_logprob`). With ``general_forward/backward`` and ``loss_forward/backward``
+    it lets a caller run the passes without autograd (the fake-tensor memory measurement)."""
     _validate(hidden, weight, targets, vocab_start, vocab_limit, tp_group,
               (torch.float32, torch.bfloat16, torch.float16))
     engine = _pick_engine(engine, hidden.device)
@@ -393,18 +403,18 @@ def _plan(hidden, weight, targets, *, vocab_start, vocab_limit, tp_group, with_e
         real = targets != IGNORE_INDEX
         if not bool(real.all()):
             rows = real.nonzero().squeeze(1)
-    return _Plan(hidden, weight, targets.contiguous(), vocab_start, col_limit, tp_group, with_entropy, engine,
+    return ChunkPlan(hidden, weight, targets.contiguous(), vocab_start, col_limit, tp_group, with_entropy, engine,
                  chunk_rows=max(1, chunk_bytes // per_row), rows=rows)
 
 
-def _chunk_logits(plan: _Plan, h: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+def _chunk_logits(plan: ChunkPlan, h: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """z = h @ W.T for one chunk, by the platform matmul, into the reused buffer."""
-    z = buf[: h.shape[0]]
+    z = buf.narrow(0, 0, h.shape[0])
     torch.mm(h, plan.weight.t(), out=z)
     return z
 
 
-def _combine(plan: _Plan, st: _RowStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _combine(plan: ChunkPlan, st: _RowStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row statistics of this shard -> global (lse, logp, entropy), as megatron's
     vocab-parallel cross-entropy combines them; [n]-sized all-reduces only."""
     m, s, ez, zt = st.m, st.s, st.ez, st.zt
@@ -458,23 +468,30 @@ def _accumulate_wgrad(target: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, s
         LAST_WGRAD_PATH = "fp32"
         return
     if target.device.type == "cuda":
+        if _is_fake(target):
+            # shapes only (the memory measurement): cuBLAS accumulates in place, allocating
+            # nothing; torch's fake-tensor rule for this overload would allocate a [V, H] result
+            LAST_WGRAD_PATH = "addmm_out_dtype"
+            return
         try:
             torch.addmm(target, dz.t(), h, out_dtype=torch.float32, out=target)
             LAST_WGRAD_PATH = "addmm_out_dtype"
             return
-        except (RuntimeError, TypeError):  # torch builds whose fp32-accumulating addmm wants a bf16 input
+        except (RuntimeError, TypeError):  # torch builds whose fp32-accumulating addmm wants a 16-bit input
             pass
-        # bounded temporaries instead: one fp32 [slice, H] product per vocab slice
-        step = max(1, slice_bytes // (4 * h.shape[1]))
+        # bounded temporaries instead: one fp32 [slice, H] product per vocab slice, a quarter of
+        # the chunk budget each
+        step = max(1, slice_bytes // (16 * h.shape[1]))
         for v0 in range(0, target.shape[0], step):
-            target[v0:v0 + step] += torch.mm(dz[:, v0:v0 + step].t(), h, out_dtype=torch.float32)
+            n = min(step, target.shape[0] - v0)
+            target.narrow(0, v0, n).add_(torch.mm(dz.narrow(1, v0, n).t(), h, out_dtype=torch.float32))
         LAST_WGRAD_PATH = "sliced"
         return
     torch.addmm(target, dz.t().float(), h.float(), out=target)  # CPU: 16-bit GEMMs have no fp32 output here
     LAST_WGRAD_PATH = "cpu_upcast"
 
 
-def _stats_pass(plan: _Plan) -> _RowStats:
+def _stats_pass(plan: ChunkPlan) -> _RowStats:
     """Forward statistics of every counted row, chunk by chunk (2 T V H FLOPs)."""
     stats_op = _ENGINE_OPS[plan.engine][0]
     dev = plan.hidden.device
@@ -492,7 +509,7 @@ def _stats_pass(plan: _Plan) -> _RowStats:
                      cat([p.ez for p in parts]) if plan.with_entropy else None, cat([p.zt for p in parts]))
 
 
-def _grad_pass(plan: _Plan, lse: torch.Tensor, ent: torch.Tensor | None, glp: torch.Tensor,
+def _grad_pass(plan: ChunkPlan, lse: torch.Tensor, ent: torch.Tensor | None, glp: torch.Tensor,
                gent: torch.Tensor | None, dh: torch.Tensor | None, dw: _WeightGrad | None,
                chunk_bytes: int) -> None:
     """Recompute each chunk's logits, turn them into dL/dz in place, then dh and dW by matmul."""
@@ -503,23 +520,23 @@ def _grad_pass(plan: _Plan, lse: torch.Tensor, ent: torch.Tensor | None, glp: to
                  device=plan.hidden.device)
     for pos, h, tgt in plan.chunks():
         z = _chunk_logits(plan, h, buf)
-        grad_op(z, tgt, plan.col_limit, plan.vocab_start, lse[pos], None if ent is None else ent[pos],
-                glp[pos], None if gent is None else gent[pos])
+        grad_op(z, tgt, plan.col_limit, plan.vocab_start, _rows(lse, pos), None if ent is None else _rows(ent, pos),
+                _rows(glp, pos), None if gent is None else _rows(gent, pos))
         _chunk_input_grads(plan, pos, z, h, dh, dw, chunk_bytes)
 
 
-def _chunk_input_grads(plan: _Plan, pos: slice, dz: torch.Tensor, h: torch.Tensor, dh: torch.Tensor | None,
+def _chunk_input_grads(plan: ChunkPlan, pos: slice, dz: torch.Tensor, h: torch.Tensor, dh: torch.Tensor | None,
                        dw: _WeightGrad | None, chunk_bytes: int) -> None:
     if dh is not None:
         if plan.rows is None:
-            torch.mm(dz, plan.weight, out=dh[pos])
+            torch.mm(dz, plan.weight, out=_rows(dh, pos))
         else:
-            dh.index_copy_(0, plan.rows[pos], torch.mm(dz, plan.weight))
+            dh.index_copy_(0, _rows(plan.rows, pos), torch.mm(dz, plan.weight))
     if dw is not None:
         _accumulate_wgrad(dw.target, dz, h, chunk_bytes)
 
 
-def _row_grads(plan: _Plan, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, scale: float = 1.0):
+def _row_grads(plan: ChunkPlan, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, scale: float = 1.0):
     glp = (plan.gather_rows(g_logp).float() * scale if g_logp is not None
            else torch.zeros(plan.n, dtype=torch.float32, device=plan.hidden.device))
     gent = None
@@ -534,30 +551,45 @@ def _row_grads(plan: _Plan, g_logp: torch.Tensor | None, g_ent: torch.Tensor | N
 # --------------------------------------------------------------------------------------------
 
 
+def _new_dh(plan: ChunkPlan) -> torch.Tensor:
+    # ignored rows get no gradient: zeros unless every row is computed (then all are written)
+    alloc = torch.zeros if plan.rows is not None else _empty
+    return alloc(plan.hidden.shape, dtype=plan.hidden.dtype, device=plan.hidden.device)
+
+
+def general_forward(plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """``fused_linear_logprob``'s forward: (logp [T], entropy [T] or None, and for the backward
+    lse [n], entropy [n] of the counted rows)."""
+    lse, logp, entropy = _combine(plan, _stats_pass(plan))
+    return (plan.scatter_rows(logp), plan.scatter_rows(entropy) if plan.with_entropy else None, lse, entropy)
+
+
+def general_backward(plan: ChunkPlan, lse: torch.Tensor, entropy: torch.Tensor | None, g_logp: torch.Tensor | None,
+                     g_ent: torch.Tensor | None, *, need_dh: bool, need_dw: bool,
+                     chunk_bytes: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Its backward: recompute, gradient in place, dh and dW; returns (dh, the weight's gradient,
+    None when it went into ``main_grad``)."""
+    glp, gent = _row_grads(plan, g_logp, g_ent)
+    dh = _new_dh(plan) if need_dh else None
+    dw = _WeightGrad.for_weight(plan.weight) if need_dw else None
+    _grad_pass(plan, lse, entropy, glp, gent, dh, dw, chunk_bytes)
+    return dh, None if dw is None else dw.as_grad(plan.weight)
+
+
 class _LinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, plan: _Plan, chunk_bytes: int):
-        st = _stats_pass(plan)
-        lse, logp, entropy = _combine(plan, st)
+    def forward(ctx, hidden, weight, targets, plan: ChunkPlan, chunk_bytes: int):
+        logp, entropy, lse, ent_rows = general_forward(plan)
         ctx.chunk_bytes = chunk_bytes
-        plan.stash(ctx, lse, entropy)
-        logp = plan.scatter_rows(logp)
-        if plan.with_entropy:
-            return logp, plan.scatter_rows(entropy)
-        return logp
+        plan.stash(ctx, lse, ent_rows)
+        return (logp, entropy) if plan.with_entropy else logp
 
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):
-        plan, (lse, entropy) = _Plan.unstash(ctx)
-        glp, gent = _row_grads(plan, g_logp, g_ent)
-        dh = dw = None
-        if ctx.needs_input_grad[0]:
-            dh = (torch.zeros if plan.rows is not None else _empty)(plan.hidden.shape, dtype=plan.hidden.dtype,
-                                                                       device=plan.hidden.device)
-        if ctx.needs_input_grad[1]:
-            dw = _WeightGrad.for_weight(plan.weight)
-        _grad_pass(plan, lse, entropy, glp, gent, dh, dw, ctx.chunk_bytes)
-        return dh, None if dw is None else dw.as_grad(plan.weight), None, None, None
+        plan, (lse, entropy) = ChunkPlan.unstash(ctx)
+        dh, dw = general_backward(plan, lse, entropy, g_logp, g_ent, need_dh=ctx.needs_input_grad[0],
+                                  need_dw=ctx.needs_input_grad[1], chunk_bytes=ctx.chunk_bytes)
+        return dh, dw, None, None, None
 
 
 #: ``token_loss(logp [n], entropy [n] or None, rows [n]) -> 0-dim loss`` of one chunk's tokens;
@@ -565,73 +597,109 @@ class _LinearLogprob(torch.autograd.Function):
 TokenLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
+@dataclass
+class LossPass:
+    """What ``fused_linear_logprob_loss``'s single pass leaves: the loss, the detached log-probs,
+    the gradients it computed (for an incoming gradient of 1) and what a correction pass needs."""
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+    dh: torch.Tensor | None
+    dw: _WeightGrad | None
+    lse: torch.Tensor
+    ent_rows: torch.Tensor | None
+    glp: torch.Tensor
+    gent: torch.Tensor | None
+
+
+def _chunk_loss_grads(token_loss: TokenLoss, logp: torch.Tensor, ent: torch.Tensor | None, rows: torch.Tensor):
+    """The chunk's loss and its gradient in each row's log-prob and entropy (float32, contiguous:
+    the gradient of a sum can be an expanded, stride-0 tensor)."""
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_(True)
+        en = ent.detach().requires_grad_(True) if ent is not None else None
+        loss = token_loss(lp, en, rows)
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+            raise ValueError(f"token_loss must return a 0-dim tensor, got {type(loss).__name__} "
+                             f"{tuple(getattr(loss, 'shape', ()))}")
+        wrt = [lp] + ([en] if en is not None else [])
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad else [None] * len(wrt)
+    glp = torch.zeros_like(lp) if grads[0] is None else grads[0].detach().float().contiguous()
+    gent = None
+    if en is not None:
+        gent = torch.zeros_like(en) if grads[1] is None else grads[1].detach().float().contiguous()
+    return loss.detach().float(), glp, gent
+
+
+def loss_forward(plan: ChunkPlan, token_loss: TokenLoss, *, want_dh: bool, want_dw: bool, chunk_bytes: int) -> LossPass:
+    """``fused_linear_logprob_loss``'s single pass: per chunk logits, statistics, the token loss's
+    gradient, the logits' gradient in place, dh and dW."""
+    stats_op, grad_op = _ENGINE_OPS[plan.engine]
+    dev = plan.hidden.device
+    dh = _new_dh(plan) if want_dh else None
+    dw = _WeightGrad.for_weight(plan.weight) if want_dw else None
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    logps, ents, lses, glps, gents = [], [], [], [], []
+    all_rows = torch.arange(plan.hidden.shape[0], device=dev) if plan.rows is None else plan.rows
+    if plan.n:
+        buf = _empty((min(plan.chunk_rows, plan.n), plan.weight.shape[0]), dtype=plan.weight.dtype, device=dev)
+    for pos, h, tgt in plan.chunks():
+        z = _chunk_logits(plan, h, buf)
+        lse, logp, ent = _combine(plan, stats_op(z, tgt, plan.col_limit, plan.vocab_start, plan.with_entropy))
+        loss, glp, gent = _chunk_loss_grads(token_loss, logp, ent, _rows(all_rows, pos))
+        total += loss
+        logps.append(logp)
+        ents.append(ent)
+        lses.append(lse)
+        glps.append(glp)
+        gents.append(gent)
+        if want_dh or want_dw:
+            grad_op(z, tgt, plan.col_limit, plan.vocab_start, lse, ent, glp, gent)
+            _chunk_input_grads(plan, pos, z, h, dh, dw, chunk_bytes)
+
+    def cat(xs):
+        return torch.cat(xs) if xs else torch.zeros(0, dtype=torch.float32, device=dev)
+
+    ent_rows = cat(ents) if plan.with_entropy else None
+    return LossPass(total, plan.scatter_rows(cat(logps)), plan.scatter_rows(ent_rows) if plan.with_entropy else None,
+                    dh, dw, cat(lses), ent_rows, cat(glps), cat(gents) if plan.with_entropy else None)
+
+
+def loss_backward(plan: ChunkPlan, res: LossPass, g: float,
+                  chunk_bytes: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Rescale the single pass's gradients by the incoming gradient ``g``; returns (dh, the
+    weight's gradient or None when it is in ``main_grad``)."""
+    dh = res.dh * g if res.dh is not None and g != 1.0 else res.dh
+    grad_w = None
+    if res.dw is not None:
+        if not res.dw.into_main_grad:
+            grad_w = res.dw.as_grad(plan.weight) * g if g != 1.0 else res.dw.as_grad(plan.weight)
+        elif g != 1.0:
+            # main_grad already holds 1 x this loss's dW (added in the forward); make it g x:
+            # one more pass (4 T V H) adds (g - 1) x dW. The usual case, g = 1 (megatron's
+            # bf16/fp32 loss scale with calculate_per_token_loss), never comes here.
+            _grad_pass(plan, res.lse, res.ent_rows, res.glp * (g - 1.0),
+                       None if res.gent is None else res.gent * (g - 1.0), None, res.dw, chunk_bytes)
+    return dh, grad_w
+
+
 class _LinearLogprobLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, plan: _Plan, chunk_bytes: int, token_loss: TokenLoss):
-        stats_op, grad_op = _ENGINE_OPS[plan.engine]
-        dev = hidden.device
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = dw = None
-        if want_dh:
-            dh = (torch.zeros if plan.rows is not None else _empty)(hidden.shape, dtype=hidden.dtype, device=dev)
-        if want_dw:
-            dw = _WeightGrad.for_weight(weight)
-        total = torch.zeros((), dtype=torch.float32, device=dev)
-        logps, ents, lses, glps, gents = [], [], [], [], []
-        all_rows = torch.arange(hidden.shape[0], device=dev) if plan.rows is None else plan.rows
-        if plan.n:
-            buf = _empty((min(plan.chunk_rows, plan.n), weight.shape[0]), dtype=weight.dtype, device=dev)
-        for pos, h, tgt in plan.chunks():
-            z = _chunk_logits(plan, h, buf)
-            lse, logp, ent = _combine(plan, stats_op(z, tgt, plan.col_limit, plan.vocab_start, plan.with_entropy))
-            with torch.enable_grad():
-                lp = logp.detach().requires_grad_(True)
-                en = ent.detach().requires_grad_(True) if ent is not None else None
-                loss = token_loss(lp, en, all_rows[pos])
-                if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
-                    raise ValueError(f"token_loss must return a 0-dim tensor, got {type(loss).__name__} "
-                                     f"{tuple(getattr(loss, 'shape', ()))}")
-                wrt = [lp] + ([en] if en is not None else [])
-                grads = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad else [None] * len(wrt)
-            glp = grads[0] if grads[0] is not None else torch.zeros_like(lp)
-            gent = (grads[1] if grads[1] is not None else torch.zeros_like(en)) if en is not None else None
-            total += loss.detach().float()
-            logps.append(logp)
-            ents.append(ent)
-            lses.append(lse)
-            # contiguous: a gradient of a sum can be an expanded (stride-0) tensor
-            glps.append(glp.detach().float().contiguous())
-            gents.append(gent.detach().float().contiguous() if gent is not None else None)
-            if want_dh or want_dw:
-                grad_op(z, tgt, plan.col_limit, plan.vocab_start, lse, ent, glps[-1], gents[-1])
-                _chunk_input_grads(plan, pos, z, h, dh, dw, chunk_bytes)
-        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.float32, device=dev))  # noqa: E731
-        logp_all = plan.scatter_rows(cat(logps))
-        ent_all = plan.scatter_rows(cat(ents)) if plan.with_entropy else None
-        ctx.chunk_bytes, ctx.dw = chunk_bytes, dw
-        plan.stash(ctx, dh, cat(lses), cat(ents) if plan.with_entropy else None, cat(glps),
-                   cat(gents) if plan.with_entropy else None)
-        outs = (logp_all,) + ((ent_all,) if plan.with_entropy else ())
+    def forward(ctx, hidden, weight, targets, plan: ChunkPlan, chunk_bytes: int, token_loss: TokenLoss):
+        res = loss_forward(plan, token_loss, want_dh=ctx.needs_input_grad[0], want_dw=ctx.needs_input_grad[1],
+                           chunk_bytes=chunk_bytes)
+        ctx.chunk_bytes, ctx.dw = chunk_bytes, res.dw
+        plan.stash(ctx, res.dh, res.lse, res.ent_rows, res.glp, res.gent)
+        outs = (res.logp,) + ((res.entropy,) if plan.with_entropy else ())
         ctx.mark_non_differentiable(*outs)
-        return (total,) + outs
+        return (res.loss,) + outs
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        plan, (dh, lse, ent, glp, gent) = _Plan.unstash(ctx)
-        dw: _WeightGrad | None = ctx.dw
-        g = float(g_loss)
-        if dh is not None and g != 1.0:
-            dh = dh * g
-        grad_w = None
-        if dw is not None:
-            if not dw.into_main_grad:
-                grad_w = dw.as_grad(plan.weight) * g if g != 1.0 else dw.as_grad(plan.weight)
-            elif g != 1.0:
-                # main_grad already holds 1 x this loss's dW (added in the forward); make it g x:
-                # one more pass (4 T V H) adds (g - 1) x dW. The usual case, g = 1 (megatron's
-                # bf16/fp32 loss scale with calculate_per_token_loss), never comes here.
-                _grad_pass(plan, lse, ent, glp * (g - 1.0), None if gent is None else gent * (g - 1.0),
-                           None, dw, ctx.chunk_bytes)
+        plan, (dh, lse, ent_rows, glp, gent) = ChunkPlan.unstash(ctx)
+        res = LossPass(g_loss, None, None, dh, ctx.dw, lse, ent_rows, glp, gent)
+        dh, grad_w = loss_backward(plan, res, float(g_loss), ctx.chunk_bytes)
         return dh, grad_w, None, None, None, None
 
 
@@ -674,7 +742,7 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     sums the contributions over the TP group. The backward recomputes each chunk's logits
     (``8 T V H`` FLOPs in all; see ``fused_linear_logprob_loss`` for ``6 T V H``).
     """
-    plan = _plan(hidden, weight, targets, vocab_start=vocab_start, vocab_limit=vocab_limit, tp_group=tp_group,
+    plan = chunk_plan(hidden, weight, targets, vocab_start=vocab_start, vocab_limit=vocab_limit, tp_group=tp_group,
                  with_entropy=bool(with_entropy), chunk_bytes=chunk_bytes, engine=engine)
     return _LinearLogprob.apply(hidden, weight, targets, plan, chunk_bytes)
 
@@ -704,7 +772,7 @@ def fused_linear_logprob_loss(hidden: torch.Tensor, weight: torch.Tensor, target
     """
     if not callable(token_loss):
         raise ValueError(f"token_loss must be callable, got {type(token_loss).__name__}")
-    plan = _plan(hidden, weight, targets, vocab_start=vocab_start, vocab_limit=vocab_limit, tp_group=tp_group,
+    plan = chunk_plan(hidden, weight, targets, vocab_start=vocab_start, vocab_limit=vocab_limit, tp_group=tp_group,
                  with_entropy=bool(with_entropy), chunk_bytes=chunk_bytes, engine=engine)
     out = _LinearLogprobLoss.apply(hidden, weight, targets, plan, chunk_bytes, token_loss)
     return out[0], out[1], out[2] if with_entropy else None

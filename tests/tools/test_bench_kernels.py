@@ -1,8 +1,10 @@
-"""tools/bench_kernels.py: on a CPU it says it needs CUDA and runs the correctness pass (exit 0);
-on a GPU (marked) it runs the quick sweep and prints the measured peaks and percentages."""
+"""tools/bench_kernels.py: everywhere it counts the head's peak memory at the benchmark shape on fake
+tensors (fused within 1/10 of the fp32 logits, materialised above them); on a CPU it says it needs
+CUDA and runs the correctness pass (exit 0); on a GPU (marked) it runs the quick sweep."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,18 +21,35 @@ def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _check_memory(record: dict) -> None:
+    mem = record["memory"]
+    assert mem["shape"] == {"tokens": 8192, "hidden": 4096, "vocab": 151936}
+    rows = {r["path"]: r["peak_mib"] for r in mem["rows"]}
+    fused = [v for k, v in rows.items() if k.startswith("fused") and "fwd+bwd" in k]
+    materialised = [v for k, v in rows.items() if not k.startswith("fused")]
+    assert len(fused) == 2 and all(0 < v <= mem["fp32_logits_mib"] / 10 for v in fused), rows
+    assert materialised and all(v > mem["fp32_logits_mib"] for v in materialised), rows
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback only runs without CUDA")
-def test_cpu_runs_the_correctness_pass():
-    proc = _run(timeout=300)
+def test_cpu_counts_memory_and_runs_the_correctness_pass(tmp_path):
+    proc = _run("--json", str(tmp_path / "out.json"), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "need a CUDA device" in proc.stdout
+    assert "need a CUDA device" in proc.stdout and "peak memory of forward + backward" in proc.stdout
     lines = [l for l in proc.stdout.splitlines() if l.strip().startswith(("ok", "BAD"))]
     assert len(lines) == 6 and all(l.strip().startswith("ok") for l in lines), proc.stdout
+    record = json.loads((tmp_path / "out.json").read_text())
+    _check_memory(record)
+    assert len(record["correctness"]) == 6 and all(c["ok"] for c in record["correctness"])
 
 
 @pytest.mark.gpu
-def test_gpu_quick_sweep_reports_percent_of_measured_peak():
-    proc = _run("--quick", timeout=1800)
+def test_gpu_quick_sweep_reports_percent_of_measured_peak(tmp_path):
+    proc = _run("--quick", "--json", str(tmp_path / "out.json"), timeout=1800)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "measured peaks" in proc.stdout and "% peak" in proc.stdout
-    assert "triton fwd+bwd" in proc.stdout
+    assert "fused single-pass fwd+bwd" in proc.stdout
+    record = json.loads((tmp_path / "out.json").read_text())
+    _check_memory(record)
+    lp = [t for t in record["timings"] if t["kernel"] == "linear->logprob" and t["path"].startswith("fused")]
+    assert lp and all(t["extra"]["peak_mib"] <= record["memory"]["fp32_logits_mib"] / 10 for t in lp)
