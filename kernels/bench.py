@@ -202,12 +202,14 @@ def loss_bytes(logp, old, adv, mask, scale, ref, *, backward: bool) -> int:
     return read + partials + (logp.numel() * logp.element_size() if backward else 0)
 
 
-def bench_policy_loss(tokens: int, dtype: torch.dtype) -> list[Timing]:
+def bench_policy_loss(tokens: int, dtype: torch.dtype, *, with_compile: bool = True) -> list[Timing]:
     logp, old, adv, mask, scale, ref = loss_inputs(tokens, dtype, "cuda")
     kw = loss_kwargs(ref)
-    compiled = torch.compile(fpl.policy_loss_reference, dynamic=False)
+    fns = [("triton", fpl.fused_policy_loss), ("eager", fpl.policy_loss_reference)]
+    if with_compile:
+        fns.append(("compile", torch.compile(fpl.policy_loss_reference, dynamic=False)))
     out: list[Timing] = []
-    for name, fn in (("triton", fpl.fused_policy_loss), ("eager", fpl.policy_loss_reference), ("compile", compiled)):
+    for name, fn in fns:
         for backward in (False, True):
             x = logp.detach().requires_grad_(backward)
 
@@ -224,7 +226,7 @@ def bench_policy_loss(tokens: int, dtype: torch.dtype) -> list[Timing]:
 
 
 def bench_linear_logprob(tokens: int, hidden: int, vocab: int, dtype: torch.dtype,
-                         with_reference: bool) -> list[Timing]:
+                         with_reference: bool, *, with_compile: bool = True) -> list[Timing]:
     g = torch.Generator(device="cuda").manual_seed(0)
     h = (torch.randn(tokens, hidden, generator=g, device="cuda") * 0.5).to(dtype)
     w = (torch.randn(vocab, hidden, generator=g, device="cuda") * 0.02).to(dtype)
@@ -255,8 +257,10 @@ def bench_linear_logprob(tokens: int, hidden: int, vocab: int, dtype: torch.dtyp
     rows = [("fused fwd", fused_fwd, unit), ("fused general fwd+bwd", fused_general, 3 * unit),
             ("fused single-pass fwd+bwd", fused_single, 3 * unit)]
     if with_reference:
-        for name, ref_fn in (("eager", flp.linear_logprob_reference),
-                             ("compile", torch.compile(flp.linear_logprob_reference, dynamic=False))):
+        refs = [("eager", flp.linear_logprob_reference)]
+        if with_compile:
+            refs.append(("compile", torch.compile(flp.linear_logprob_reference, dynamic=False)))
+        for name, ref_fn in refs:
             rh, rw = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
 
             def ref_fwd(ref_fn=ref_fn):

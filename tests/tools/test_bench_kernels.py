@@ -53,3 +53,26 @@ def test_gpu_quick_sweep_reports_percent_of_measured_peak(tmp_path):
     _check_memory(record)
     lp = [t for t in record["timings"] if t["kernel"] == "linear->logprob" and t["path"].startswith("fused")]
     assert lp and all(t["extra"]["peak_mib"] <= record["memory"]["fp32_logits_mib"] / 10 for t in lp)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the section's no-CUDA report")
+def test_gpu_smoke_section_reports_without_cuda(tmp_path):
+    """tools/gpu_smoke/kernel_bench.py follows the section layout: OUT/kernel_bench.json, a line
+    appended to OUT/log.txt; without CUDA it says so (exit 2) instead of crashing."""
+    section = TOOL.parent / "gpu_smoke" / "kernel_bench.py"
+    (tmp_path / "log.txt").write_text("[earlier] section\n")
+    proc = subprocess.run([sys.executable, str(section), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    record = json.loads((tmp_path / "kernel_bench.json").read_text())
+    assert record["section"] == "kernel_bench" and record["ok"] is False and "no CUDA" in record["error"]
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert lines[0] == "[earlier] section" and lines[1].startswith("[kernel_bench] ok=False")
+
+
+@pytest.mark.gpu
+def test_gpu_smoke_section_runs(tmp_path):
+    section = TOOL.parent / "gpu_smoke" / "kernel_bench.py"
+    proc = subprocess.run([sys.executable, str(section), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    record = json.loads((tmp_path / "kernel_bench.json").read_text())
+    assert proc.returncode == 0 and record["ok"], record.get("error")
+    assert record["summary"]["logprob_peak_mib_cuda"] <= record["summary"]["fp32_logits_mib"] / 10
