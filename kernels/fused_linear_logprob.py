@@ -536,14 +536,13 @@ def _chunk_input_grads(plan: ChunkPlan, pos: slice, dz: torch.Tensor, h: torch.T
         _accumulate_wgrad(dw.target, dz, h, chunk_bytes)
 
 
-def _row_grads(plan: ChunkPlan, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None, scale: float = 1.0):
-    glp = (plan.gather_rows(g_logp).float() * scale if g_logp is not None
+def _row_grads(plan: ChunkPlan, g_logp: torch.Tensor | None, g_ent: torch.Tensor | None):
+    """The incoming gradients on the counted rows (float32, contiguous). An entropy that no loss
+    used (computed for a metric) has no gradient: None, and the gradient kernel skips its term."""
+    glp = (plan.gather_rows(g_logp).float() if g_logp is not None
            else torch.zeros(plan.n, dtype=torch.float32, device=plan.hidden.device))
-    gent = None
-    if plan.with_entropy:
-        gent = (plan.gather_rows(g_ent).float() * scale if g_ent is not None
-                else torch.zeros(plan.n, dtype=torch.float32, device=plan.hidden.device))
-    return glp.contiguous(), None if gent is None else gent.contiguous()
+    gent = plan.gather_rows(g_ent).float().contiguous() if plan.with_entropy and g_ent is not None else None
+    return glp.contiguous(), gent
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,7 +571,7 @@ def general_backward(plan: ChunkPlan, lse: torch.Tensor, entropy: torch.Tensor |
     glp, gent = _row_grads(plan, g_logp, g_ent)
     dh = _new_dh(plan) if need_dh else None
     dw = _WeightGrad.for_weight(plan.weight) if need_dw else None
-    _grad_pass(plan, lse, entropy, glp, gent, dh, dw, chunk_bytes)
+    _grad_pass(plan, lse, entropy if gent is not None else None, glp, gent, dh, dw, chunk_bytes)
     return dh, None if dw is None else dw.as_grad(plan.weight)
 
 

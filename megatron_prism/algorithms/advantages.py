@@ -12,6 +12,7 @@ falls back to mean 0 / std 1 for GRPO, i.e. uses the raw reward).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -83,23 +84,61 @@ def rloo_advantages(rewards: torch.Tensor, group_ids, **_: Any) -> torch.Tensor:
     return torch.where(count > 1, adv, torch.zeros_like(adv)).to(rewards.dtype)
 
 
+BatchAllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
 @register_advantage("reinforce_plus_plus_baseline")
 def reinforce_pp_baseline_advantages(
-    rewards: torch.Tensor, group_ids, eps: float = 1e-6, **_: Any
+    rewards: torch.Tensor,
+    group_ids,
+    *,
+    response_lengths: torch.Tensor | None = None,
+    all_reduce: BatchAllReduce | None = None,
+    eps: float = 1e-8,
+    **_: Any,
 ) -> torch.Tensor:
     """REINFORCE++ with baseline (Hu et al. 2025): subtract the group mean, then whiten over the
-    whole batch (global mean and std), which keeps the scale stable without per-group std.
+    whole global batch, which keeps the scale stable without a per-group std.
 
-    verl whitens over tokens (a response counts once per token); here every response counts once,
-    since advantages are per response — the difference is a length weighting of the batch mean.
+    As verl's ``compute_reinforce_plus_plus_baseline_outcome_advantage``: the whitening is over
+    response *tokens* when ``response_lengths`` are given (each response's centred reward counts
+    once per token, verl's ``masked_whiten``), ``(x - mean) * rsqrt(var + eps)`` with the unbiased
+    variance. ``all_reduce`` sums a float64 tensor over the data-parallel ranks (each rank holds
+    its share of the batch's groups): with it the mean and variance are the *global* batch's, so the
+    result does not depend on the number of ranks. Without it this batch is the whole batch.
+
+    Differences from verl: a group of one response gets 0 (verl keeps its raw reward), and counts
+    as 0 in the batch statistics.
     """
     count, mean, _ = _group_stats(rewards, group_ids)
-    centred = rewards.double() - mean
-    if centred.numel() > 1:
-        centred = (centred - centred.mean()) / (centred.std() + eps)
-    return torch.where(count > 1, centred, torch.zeros_like(centred)).to(rewards.dtype)
+    centred = torch.where(count > 1, rewards.double() - mean, torch.zeros_like(mean))
+    if response_lengths is None:
+        weight = torch.ones_like(centred)
+    else:
+        weight = torch.as_tensor(response_lengths, device=centred.device).double()
+        if weight.shape != centred.shape:
+            raise ValueError(f"response_lengths must be [B] = [{centred.numel()}], got {tuple(weight.shape)}")
+    reduce = all_reduce if all_reduce is not None else (lambda t: t)
+    sums = reduce(torch.stack([weight.sum(), (weight * centred).sum()]))
+    n, batch_mean = sums[0], sums[1] / sums[0].clamp(min=1e-30)
+    sq = reduce((weight * (centred - batch_mean) ** 2).sum().reshape(1))[0]
+    if float(n) <= 1:
+        return torch.zeros_like(centred).to(rewards.dtype)
+    var = sq / (n - 1)
+    whitened = (centred - batch_mean) * torch.rsqrt(var + eps)
+    return torch.where(count > 1, whitened, torch.zeros_like(whitened)).to(rewards.dtype)
 
 
-def compute_advantages(name: str, rewards: torch.Tensor, group_ids, **options: Any) -> torch.Tensor:
-    """Looks the estimator up by name (config ``algorithm.advantage``) and applies it."""
-    return ADVANTAGES.get(name)(rewards, group_ids, **options)
+def compute_advantages(name: str, rewards: torch.Tensor, group_ids, *, response_lengths: torch.Tensor | None = None,
+                       all_reduce: BatchAllReduce | None = None, **options: Any) -> torch.Tensor:
+    """Looks the estimator up by name (config ``algorithm.advantage``) and applies it.
+
+    ``response_lengths`` and ``all_reduce`` (the data-parallel sum) describe the global batch; they
+    reach only the estimators that take them (whitening over the batch), the others work per group
+    and need nothing beyond their groups."""
+    fn = ADVANTAGES.get(name)
+    accepted = inspect.signature(fn).parameters
+    for key, value in (("response_lengths", response_lengths), ("all_reduce", all_reduce)):
+        if value is not None and key in accepted:
+            options[key] = value
+    return fn(rewards, group_ids, **options)

@@ -1,8 +1,12 @@
 """Sampling filters: which rollout groups are worth training on.
 
-A filter has the signature ``(rewards [B], group_ids [B]) -> keep [B] (bool)`` and keeps or drops
-whole groups. ``GroupRefillBuffer`` implements DAPO's dynamic sampling loop around a filter: keep
-generating batches and collecting the groups that pass until the training batch is full.
+A filter has the signature ``(values [B], group_ids [B]) -> keep [B] (bool)`` and keeps or drops
+whole groups, judged on one per-response metric (``FILTER_METRICS``, config
+``algorithm.filter_metric``): ``acc``, the answer's accuracy (DAPO eq. 11 and verl's default for
+``filter_groups``), ``score``, the reward function's value, or ``seq_reward``, the reward after
+shaping (the one the advantages see). ``GroupRefillBuffer`` implements DAPO's dynamic sampling
+loop around a filter: keep generating batches and collecting the groups that pass until the
+training batch is full.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from megatron_prism.algorithms.advantages import group_index
 from megatron_prism.registry import Registry
 
 FilterFn = Callable[[torch.Tensor, Any], torch.Tensor]
+#: The per-response metrics a filter can judge groups on (verl's names).
+FILTER_METRICS = ("acc", "score", "seq_reward")
 SAMPLING_FILTERS: Registry[FilterFn] = Registry("sampling filter")
 register_sampling_filter = SAMPLING_FILTERS.register
 
@@ -28,9 +34,10 @@ def keep_all(rewards: torch.Tensor, group_ids: Any) -> torch.Tensor:
 
 @register_sampling_filter("dapo_dynamic")
 def drop_uniform_groups(rewards: torch.Tensor, group_ids: Any) -> torch.Tensor:
-    """DAPO dynamic sampling (Yu et al. 2025, eq. 11): drop groups whose rewards are all equal
-    (all right or all wrong). Their group-relative advantages are 0, so they would only dilute the
-    batch's gradient. Groups of one response are dropped too (nothing to compare)."""
+    """DAPO dynamic sampling (Yu et al. 2025, eq. 11): drop groups whose values are all equal; on
+    accuracy, the paper's criterion, that is all right or all wrong. Their group-relative
+    advantages are 0 (on any reward that follows accuracy), so they would only dilute the batch's
+    gradient. Groups of one response are dropped too (nothing to compare)."""
     index, groups = group_index(group_ids)
     index = index.to(rewards.device)
     r = rewards.double()
@@ -43,8 +50,8 @@ def drop_uniform_groups(rewards: torch.Tensor, group_ids: Any) -> torch.Tensor:
 class GroupRefillBuffer:
     """Collects filtered groups across generation rounds until ``groups_wanted`` are in hand.
 
-    ``add`` takes one generated batch (its records, rewards and group ids), keeps the groups the
-    filter passes, and returns whether the buffer is full. ``take`` returns exactly
+    ``add`` takes one generated batch (its records, the filter metric's values and group ids),
+    keeps the groups the filter passes, and returns whether the buffer is full. ``take`` returns exactly
     ``groups_wanted`` groups (surplus groups of the last round are dropped, as DAPO does) and
     empties the buffer. After ``max_rounds`` rounds without filling, ``add`` raises: a task where
     nearly every group is uniform needs easier/harder data, not an endless loop.
@@ -57,11 +64,11 @@ class GroupRefillBuffer:
     kept_groups: list[list[Any]] = field(default_factory=list)
     dropped_groups: int = 0
 
-    def add(self, records: Sequence[Any], rewards: torch.Tensor, group_ids: Any) -> bool:
-        if len(records) != rewards.numel():
-            raise ValueError(f"{len(records)} records but {rewards.numel()} rewards")
+    def add(self, records: Sequence[Any], values: torch.Tensor, group_ids: Any) -> bool:
+        if len(records) != values.numel():
+            raise ValueError(f"{len(records)} records but {values.numel()} filter values")
         self.rounds += 1
-        keep = SAMPLING_FILTERS.get(self.filter_name)(rewards, group_ids).tolist()
+        keep = SAMPLING_FILTERS.get(self.filter_name)(values, group_ids).tolist()
         index, groups = group_index(group_ids)
         members: list[list[Any]] = [[] for _ in range(groups)]
         kept = [False] * groups
@@ -76,7 +83,7 @@ class GroupRefillBuffer:
         if not self.full() and self.rounds >= self.max_rounds:
             raise RuntimeError(
                 f"dynamic sampling kept {len(self.kept_groups)} of {self.groups_wanted} groups after "
-                f"{self.rounds} generation rounds ({self.dropped_groups} groups had uniform rewards); "
+                f"{self.rounds} generation rounds ({self.dropped_groups} groups had uniform values); "
                 "raise max_rounds or use data whose difficulty suits the policy"
             )
         return self.full()

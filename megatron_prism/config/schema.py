@@ -17,6 +17,7 @@ Schedule = Literal["constant", "cosine"]
 Logger = Literal["tensorboard", "wandb", "none"]
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LossBackend = Literal["auto", "torch", "triton"]
+FilterMetric = Literal["acc", "score", "seq_reward"]
 StageName = Literal["sft", "warmup", "align", "rlvr", "eval"]
 DiscriminatorMode = Literal["routed", "dedicated", "dense", "text-only"]
 LrSchedule = Literal["constant", "cosine"]
@@ -123,8 +124,12 @@ class AlgorithmConfig:
     ``loss``, ``kl_kind``, ``reward_shaping``, ``sampling_filter``), with verl's meanings. ``None``
     for a clip value or ``loss_agg`` takes the loss variant's own default (vanilla = GRPO = PPO
     0.2/0.2 and DAPO 0.2/0.28, both with verl's dual clip 3; GSPO 3e-4/4e-4 with
-    ``seq-mean-token-mean`` and no dual clip); ``dual_clip: .inf`` turns the dual clip off. ``loss_backend``: ``triton`` is the fused
-    kernel, ``torch`` its reference, ``auto`` the kernel on a GPU.
+    ``seq-mean-token-mean`` and no dual clip); ``dual_clip: .inf`` turns the dual clip off.
+    ``loss_backend``: ``triton`` is the fused kernel, ``torch`` its reference, ``auto`` the kernel
+    on a GPU. ``filter_metric``: what ``sampling_filter`` judges a group on (``acc``, DAPO's and
+    verl's default; ``score``, the reward function's value; ``seq_reward``, the shaped reward).
+    ``log_entropy``: compute the policy's entropy for its metric even when ``entropy_coef`` is 0
+    (the entropy is computed only when one of the two needs it).
     """
 
     reward: str = "math_format"
@@ -142,7 +147,9 @@ class AlgorithmConfig:
     overlong_buffer: int = 0
     overlong_penalty_factor: float = 1.0
     sampling_filter: str = "none"
+    filter_metric: FilterMetric = "acc"
     max_sampling_rounds: int = 10
+    log_entropy: bool = True
     ppo_epochs: int = 1
     mini_batches: int = 1
 

@@ -226,6 +226,21 @@ def test_only_one_input_requires_grad():
     torch.testing.assert_close(h.grad.double(), ref[2], **FP32_TOL)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_entropy_for_a_metric_only(engine):
+    """Entropy computed (a metric) but not in the loss: no gradient comes back for it, and the
+    gradients are those of the log-prob term alone."""
+    hidden, weight, targets, a, _ = make_inputs(17, 16, 50, seed=14, n_ignored=2)
+    ref = expected(hidden, weight, targets, a, torch.zeros_like(a))
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    logp, entropy = flp.fused_linear_logprob(h, w, targets, with_entropy=True, engine=engine,
+                                             chunk_bytes=4 * flp._row_bytes(engine, 50, torch.float32))
+    (logp * a.float()).sum().backward()
+    torch.testing.assert_close(entropy.double(), ref[1], **FP32_TOL)
+    torch.testing.assert_close(h.grad.double(), ref[2], **FP32_TOL)
+    torch.testing.assert_close(w.grad.double(), ref[3], **FP32_TOL)
+
+
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_bf16_matches_float64_on_bf16_logits(engine, entry):
