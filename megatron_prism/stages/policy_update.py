@@ -2,6 +2,11 @@
 -> old (and reference) log-probs -> ``ppo_epochs`` x ``mini_batches`` optimizer steps with
 ``policy_loss(variant=algorithm.loss)``. The stages differ only in where the advantages come from
 (verifiable rewards vs discriminator part scores).
+
+As verl: a strictly on-policy step (one epoch, one mini-batch) takes the old log-probs to be the
+current ones, detached, instead of a second forward (the ratio is 1, its gradient the policy
+gradient); the entropy is computed only when its coefficient or its metric
+(``algorithm.log_entropy``) needs it; the logged loss is the mean over the optimizer steps that ran.
 """
 
 from __future__ import annotations
@@ -80,13 +85,18 @@ def update_policy(cfg: PrismConfig, runtime: PolicyRuntime, samples: list[dict],
     alg, ro = cfg.algorithm, cfg.rollout
     multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
     mbs = micro_batches(samples, cfg.parallel.micro_batch_size, multiple)
-    recompute(runtime, mbs, "old_logp")
+    per_mini = -(-len(mbs) // alg.mini_batches)
+    # one epoch of one optimizer step: the policy that sampled is the one being updated
+    on_policy = alg.ppo_epochs == 1 and per_mini >= len(mbs)
+    if not on_policy:
+        recompute(runtime, mbs, "old_logp")
     if reference is not None:
         recompute(reference, mbs, "ref_logp")
     timer.lap("logprobs")
     metrics_sum: dict[str, float] = {}
-    per_mini = -(-len(mbs) // alg.mini_batches)
+    with_entropy = alg.entropy_coef != 0.0 or alg.log_entropy
     result = None
+    updates = 0
     for _ in range(alg.ppo_epochs):
         for start in range(0, len(mbs), per_mini):
             mini = mbs[start:start + per_mini]
@@ -96,23 +106,30 @@ def update_policy(cfg: PrismConfig, runtime: PolicyRuntime, samples: list[dict],
 
             def loss_fn(out, t, counts=counts):
                 mask = t["targets"] != IGNORE_INDEX
+                old_logp = out.logp.detach() if on_policy else t["old_logp"]
                 loss, m = policy_loss(
-                    out.logp, t["old_logp"], t["advantages"], mask, alg.loss, alg.clip_low, alg.clip_high,
+                    out.logp, old_logp, t["advantages"], mask, alg.loss, alg.clip_low, alg.clip_high,
                     alg.dual_clip, alg.loss_agg, counts=counts, norm_len=ro.max_new_tokens,
                     ref_logp=t.get("ref_logp"), kl_coef=alg.kl_coef, kl_kind=alg.kl_kind,
                     entropy=out.entropy, entropy_coef=alg.entropy_coef, backend=alg.loss_backend)
-                ent = float((out.entropy.detach() * mask).sum())
-                return loss, {"loss": float(loss.detach()), "tokens": float(m["tokens"]), "clipped": float(m["clipped"]),
-                              "clipped_lower": float(m["clipped_lower"]), "approx_kl": float(m["neg_log_ratio"]),
-                              "kl": float(m["kl"]), "entropy": ent}
+                figures = {"loss": float(loss.detach()), "tokens": float(m["tokens"]), "clipped": float(m["clipped"]),
+                           "clipped_lower": float(m["clipped_lower"]), "approx_kl": float(m["neg_log_ratio"]),
+                           "kl": float(m["kl"])}
+                if out.entropy is not None:
+                    figures["entropy"] = float((out.entropy.detach() * mask).sum())
+                return loss, figures
 
             runtime.optimizer.zero_grad()
-            for red in runtime.run(mini, loss_fn, with_entropy=True):
+            for red in runtime.run(mini, loss_fn, with_entropy=with_entropy):
                 for k, v in red.items():
                     metrics_sum[k] = metrics_sum.get(k, 0.0) + v
             pause_point(pause)
             result = runtime.optimizer.step()
+            updates += 1
     timer.lap("train")
+    # the loss figure is a sum over the optimizer steps that ran; fewer micro-batches than
+    # mini-batches (a small step) runs fewer of them than ppo_epochs * mini_batches
+    metrics_sum["updates"] = float(updates)
     return metrics_sum, result
 
 
@@ -120,10 +137,11 @@ def update_metrics(cfg: PrismConfig, metrics_sum: dict[str, float], result: Step
     """The logged figures of one update (per-token means over the step's loss tokens)."""
     alg = cfg.algorithm
     tokens = max(metrics_sum.get("tokens", 0.0), 1.0)
-    updates = alg.ppo_epochs * alg.mini_batches
+    updates = max(metrics_sum.get("updates", alg.ppo_epochs * alg.mini_batches), 1.0)
+    entropy = metrics_sum["entropy"] / tokens if "entropy" in metrics_sum else float("nan")
     return {
         "loss": metrics_sum.get("loss", float("nan")) / updates, "clip_frac": metrics_sum.get("clipped", 0.0) / tokens,
         "clip_frac_lower": metrics_sum.get("clipped_lower", 0.0) / tokens,
         "approx_kl": metrics_sum.get("approx_kl", 0.0) / tokens, "kl": metrics_sum.get("kl", 0.0) / tokens,
-        "entropy": metrics_sum.get("entropy", 0.0) / tokens, "grad_norm": result.grad_norm, "lr": result.lr,
+        "entropy": entropy, "grad_norm": result.grad_norm, "lr": result.lr,
     }

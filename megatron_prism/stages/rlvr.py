@@ -51,6 +51,7 @@ def _collect_rollouts(ctx, state, processor, client, skips, step: int):
         expanded = [rec for rec in records for _ in range(ro.n)]
         scored = score(alg.reward, responses, expanded)
         rewards = torch.tensor([float(s) for s in scored], dtype=torch.float64)
+        raw_scores = rewards.clone()
         accuracy = [float(getattr(s, "details", {}).get("accuracy", float(s))) for s in scored]
         lengths = torch.tensor([len(r.response_ids) for r in results])
         if alg.reward_shaping != "none":
@@ -62,7 +63,10 @@ def _collect_rollouts(ctx, state, processor, client, skips, step: int):
             for i in range(len(results))
         ]
         group_ids = [f"{rounds}:{i // ro.n}" for i in range(len(results))]
-        buffer.add(items, rewards, group_ids)
+        # what the filter judges groups on (verl's filter_groups.metric): accuracy by default
+        values = {"acc": torch.tensor(accuracy, dtype=torch.float64), "score": raw_scores,
+                  "seq_reward": rewards}[alg.filter_metric]
+        buffer.add(items, values, group_ids)
         done = dp_sum([0.0 if buffer.full() else 1.0])[0] == 0
         if done:
             break
@@ -102,7 +106,10 @@ def run_rlvr(ctx: StageContext) -> StageResult:
         samples = [s for g in groups for s in g]
         rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float64)
         group_ids = [gi for gi, g in enumerate(groups) for _ in g]
-        advantages = compute_advantages(alg.advantage, rewards, group_ids)
+        # estimators that whiten over the batch see the global one (statistics summed over DP)
+        lengths = torch.tensor([len(s["result"].response_ids) for s in samples], dtype=torch.float64)
+        advantages = compute_advantages(alg.advantage, rewards, group_ids, response_lengths=lengths,
+                                        all_reduce=lambda t: torch.tensor(dp_sum(t.tolist()), dtype=t.dtype))
         for s, a in zip(samples, advantages.tolist()):
             s["advantage"] = a
         metrics_sum, result = update_policy(cfg, runtime, samples, reference, timer, pause="rlvr.update")
