@@ -52,6 +52,8 @@ _KL_FORMULAS: dict[str, tuple[int, bool]] = {
 KL_KINDS: tuple[str, ...] = tuple(_KL_FORMULAS)
 
 BLOCK: int = 1024  # tokens per program
+REDUCE_IN_KERNEL_MAX_BLOCKS: int = 8192  # partial rows reduced by one Triton program (8M tokens)
+REDUCE_BLOCK_ROWS: int = 256
 # triton.jit picks the interpreter at decoration time (this module's import) from this variable
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 _LOG_RATIO_CLAMP = 20.0  # token-mode log-ratio clamp (verl), keeps exp() finite in fp32
@@ -344,11 +346,44 @@ def _launch(
         KL_ST=_KL_FORMULAS[kl_kind][1],
         WRITE_GRAD=write_grad, NUM_COLS=_NUM_COLS, BLOCK=BLOCK,
     )
-    sums = partials.to(torch.float64).sum(dim=0)  # fixed-order reduction: deterministic
+    return (*_reduce_partials(partials), grad)
+
+
+def _reduce_partials(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[num_blocks, K] partials -> (loss, stats [K - 1]) in fp32, summed in float64 in a fixed
+    order (deterministic), max / min for the ratio extremes. Up to ``REDUCE_IN_KERNEL_MAX_BLOCKS``
+    blocks one small Triton program does it in one launch (the ~6 torch ops it replaces cost more
+    than the main kernel at small sizes); beyond, torch's reductions (negligible there)."""
+    if partials.shape[0] <= REDUCE_IN_KERNEL_MAX_BLOCKS:
+        out = _alloc((_NUM_COLS,), torch.float32, partials.device)
+        _reduce_partials_kernel[(1,)](partials, out, partials.shape[0], NUM_COLS=_NUM_COLS,
+                                      COLS_P2=triton.next_power_of_2(_NUM_COLS), COL_MAX=_COL_MAX,
+                                      COL_MIN=_COL_MIN, BLOCK_R=REDUCE_BLOCK_ROWS)
+        return out[0], out[1:]
+    sums = partials.to(torch.float64).sum(dim=0)
     sums[_COL_MAX] = partials[:, _COL_MAX].max()
     sums[_COL_MIN] = partials[:, _COL_MIN].min()
     sums = sums.float()
-    return sums[0], sums[1:], grad
+    return sums[0], sums[1:]
+
+
+@triton.jit
+def _reduce_partials_kernel(part_ptr, out_ptr, num_rows, NUM_COLS: tl.constexpr, COLS_P2: tl.constexpr,
+                            COL_MAX: tl.constexpr, COL_MIN: tl.constexpr, BLOCK_R: tl.constexpr):
+    cols = tl.arange(0, COLS_P2)
+    col_ok = cols < NUM_COLS
+    acc = tl.zeros([COLS_P2], tl.float64)
+    hi = tl.full([COLS_P2], float("-inf"), tl.float32)
+    lo = tl.full([COLS_P2], float("inf"), tl.float32)
+    for r0 in range(0, num_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = (rows < num_rows)[:, None] & col_ok[None, :]
+        x = tl.load(part_ptr + rows.to(tl.int64)[:, None] * NUM_COLS + cols[None, :], mask=ok, other=0.0)
+        acc += tl.sum(x.to(tl.float64), axis=0)
+        hi = tl.maximum(hi, tl.max(tl.where(ok, x, float("-inf")), axis=0))
+        lo = tl.minimum(lo, tl.min(tl.where(ok, x, float("inf")), axis=0))
+    out = tl.where(cols == COL_MAX, hi, tl.where(cols == COL_MIN, lo, acc.to(tl.float32)))
+    tl.store(out_ptr + cols, out, mask=col_ok)
 
 
 class _FusedPolicyLoss(torch.autograd.Function):

@@ -428,3 +428,13 @@ def test_poison_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fpl, "_alloc", _poisoned_alloc)
     check_against_reference(make_inputs(64, 4096, seed=12, device="cuda"),
                             dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1))
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["triton_reduce", "torch_reduce"])
+def test_both_partial_reductions(monkeypatch: pytest.MonkeyPatch, in_kernel: bool) -> None:
+    """The per-program partials are reduced by one Triton program up to a block count, by torch
+    beyond; both give the oracle's loss and statistics (5000 tokens: 5 blocks; the limit is moved
+    so each path runs, with a 2-row reduction tile so the kernel loops)."""
+    monkeypatch.setattr(fpl, "REDUCE_IN_KERNEL_MAX_BLOCKS", 5 if in_kernel else 4)
+    monkeypatch.setattr(fpl, "REDUCE_BLOCK_ROWS", 2)
+    check_against_reference(make_inputs(5, 1000, seed=41), CONFIGS["dual"][0])
