@@ -12,6 +12,7 @@ import torch
 
 from megatron_prism.algorithms import AGG_MODES, GlobalCounts, aggregate, local_counts, policy_loss
 from megatron_prism.registry import UnknownNameError
+from tests.kl_oracle import kl_estimate as _oracle_kl
 
 BACKENDS = ["torch", "triton"]
 
@@ -141,23 +142,6 @@ _DEFAULTS = {  # variant -> (clip_low, clip_high, dual_clip, aggregation, sequen
     "gspo": (3e-4, 4e-4, None, "seq-mean-token-mean", True),
     "unclipped": (math.inf, math.inf, None, "token-mean", False),
 }
-
-
-def _oracle_kl(logp, ref, kind):
-    x = logp - ref
-    base = kind.rstrip("+")
-    if base == "k1":
-        value = x
-    elif base == "abs":
-        value = x.abs()
-    elif base == "k2":
-        value = 0.5 * x ** 2
-    else:  # k3 = exp(log r) - log r - 1, log r = ref - logp, clamps as verl
-        log_r = (ref - logp).clamp(-20, 20)
-        value = (log_r.exp() - log_r - 1).clamp(-10, 10)
-    if kind.endswith("+"):  # verl: value of the estimator, gradient of k2
-        value = 0.5 * x ** 2 + (value - 0.5 * x ** 2).detach()
-    return value
 
 
 def _oracle_loss(variant, logp, old, adv, mask, *, agg=None, norm_len=None, ref=None, kl_coef=0.0, kl_kind="k3",

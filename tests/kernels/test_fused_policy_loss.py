@@ -24,6 +24,7 @@ import kernels.fused_policy_loss as fpl
 from kernels.fused_policy_loss import (
     KL_KINDS, STAT_NAMES, fused_policy_loss, policy_loss_reference, sequence_log_ratio,
 )
+from tests.kl_oracle import kl_estimate as oracle_kl
 
 INF = math.inf
 # the CPU-run tests use the interpreter; on a CUDA machine (no interpreter) they run on the GPU
@@ -55,26 +56,6 @@ CONFIGS: dict[str, tuple[dict, bool]] = {
 
 
 # ------------------------------------------------------------------------------------ the oracle
-def oracle_kl(logp: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
-    """Schulman (2020) estimators with verl's clamps; ``+``: value kept, gradient of k2 (verl)."""
-    x = logp - ref
-    log_r = ref - logp
-    base = kind.rstrip("+")
-    if base == "k1":
-        value = x
-    elif base == "abs":
-        value = x.abs()
-    elif base == "k2":
-        value = x * x / 2
-    else:
-        c = log_r.clamp(-20.0, 20.0)
-        value = (c.exp() - c - 1).clamp(-10.0, 10.0)
-    if kind.endswith("+"):
-        half_sq = x * x / 2
-        value = half_sq - half_sq.detach() + value.detach()
-    return value
-
-
 def oracle_policy_loss(logp, old_logp, advantages, mask, row_scale, *, clip_low, clip_high, dual_clip=None,
                        seq_log_ratio=None, ref_logp=None, kl_coef=0.0, kl_kind="k3"):
     """float64 loss ``sum_{b,t} mask * row_scale[b] * L`` and the statistics, from the formulas.
