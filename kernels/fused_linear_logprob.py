@@ -111,9 +111,11 @@ def _row_stats_kernel(z_ptr, z_stride, tgt_ptr, m_ptr, s_ptr, ez_ptr, zt_ptr, co
     ez = sum exp(z - m) (z - m), zt = z[target - vocab_start] (0 if not in this shard)."""
     row = tl.program_id(0)
     z_row = z_ptr + row.to(tl.int64) * z_stride
-    m = float("-inf")
-    s = 0.0
-    ez = 0.0
+    # 0-d fp32 tensors (not Python floats), so the loop-carried types are fixed from the start
+    zeros = tl.zeros([BLOCK_V], tl.float32)
+    m = tl.max(zeros - float("inf"), axis=0)
+    s = tl.sum(zeros, axis=0)
+    ez = tl.sum(zeros, axis=0)
     for v0 in range(0, col_limit, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = cols < col_limit
@@ -151,9 +153,8 @@ def _row_grad_kernel(z_ptr, z_stride, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_p
     lse = tl.load(lse_ptr + row)
     glp = tl.load(glp_ptr + row)
     local = tl.load(tgt_ptr + row) - vocab_start
-    if WITH_ENTROPY:
-        ent = tl.load(ent_ptr + row)
-        gent = tl.load(gent_ptr + row)
+    ent = tl.load(ent_ptr + row)  # dummies (lse, glp) when WITH_ENTROPY is off: never used
+    gent = tl.load(gent_ptr + row)
     for v0 in range(0, n_cols, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok = cols < col_limit
