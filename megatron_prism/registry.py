@@ -45,6 +45,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             close = difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.5)
+            if not close and isinstance(name, str) and name:  # an abbreviation: "dapo" for "dapo_overlong"
+                close = [n for n in sorted(self._entries) if n.startswith(name) or name in n][:1]
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}{hint} (registered: {', '.join(sorted(self._entries))})"

@@ -1,0 +1,470 @@
+"""Validate first: every rule a resolved config must satisfy, checked before anything is built.
+
+``load_config`` already guarantees the *shape* of a config (known keys, right types, literal
+choices). This module checks what a type cannot say, so that a mistake costs a second, not a run
+that dies after SFT:
+
+* every **registered name** (reward, advantage, loss, KL kind, shaper, filter, rollout engine)
+  against its registry, with a "did you mean";
+* every **size and ratio** against its range (``parallel.tp=0``, ``stages.sft.steps=-3``,
+  ``rollout.top_p=1.5``, ``data.synth_sizes=sft=abc``);
+* **cross-key rules**: virtual pipeline needs ``pp > 1``; TP divides the attention and KV heads
+  (and the vocabulary and MLP), PP x VPP the layers, EP the discriminator's experts and the
+  data-parallel size; a rollout engine of its own TP divides the ranks; and, for a known number of
+  ranks, every training stage's global batch splits into whole micro-batches on every
+  data-parallel rank (:func:`largest_useful_dp` says how far a stage's batch can be spread);
+* **paths** that must exist: model and discriminator directories, ``data.root`` and the split each
+  enabled stage reads, a stage's ``data_path``.
+
+``check_config`` raises :class:`ConfigError` with one line naming the key, where it was set (the
+file or the override) and the fix; when several rules fail the first is shown with a count of the
+rest. ``prism run|eval|experiment|plan`` call it right after loading. ``prism plan`` asks for the
+rules without paths (it plans before the data is downloaded) and reports the batch rule per stage
+itself, from the same :func:`stage_batch_problem`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_prism.config.build import _Builder
+from megatron_prism.config.errors import ConfigError
+from megatron_prism.config.loader import parse_override
+from megatron_prism.config.schema import PrismConfig, StageConfig
+
+#: The data split each stage reads from ``data.root`` (a stage's ``data_path`` replaces it).
+STAGE_SPLITS: dict[str, str] = {"sft": "sft", "warmup": "align", "align": "align", "rlvr": "rl", "eval": "eval"}
+#: Record files a split directory may hold.
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+#: Stages that train and therefore step through global batches.
+TRAINING_STAGES = ("sft", "warmup", "align", "rlvr")
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str  # what is wrong and the fix, without the key (added when formatted)
+
+
+def synth_sizes(text: str) -> dict[str, int]:
+    """``"sft=2000,align=500,rl=1000,eval=200"`` -> sizes; ValueError naming the bad item."""
+    sizes: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in ("sft", "align", "rl", "eval"):
+            raise ValueError(f"{item!r} is not SPLIT=COUNT with SPLIT one of sft, align, rl, eval")
+        if name in sizes:
+            raise ValueError(f"split {name!r} is given twice")
+        try:
+            count = int(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: the count {value.strip()!r} is not a whole number") from None
+        if count < 1:
+            raise ValueError(f"{item!r}: the count must be at least 1")
+        sizes[name] = count
+    missing = [s for s in ("sft", "align", "rl", "eval") if s not in sizes]
+    if missing:
+        raise ValueError(f"no size for split(s) {', '.join(missing)}")
+    return sizes
+
+
+# ----------------------------------------------------------------------------------- batch rule
+
+def sequences_per_prompt(cfg: PrismConfig, stage: str) -> int:
+    """How many sequences one record of ``stage``'s global batch becomes in its update."""
+    if stage == "align":
+        return cfg.align.samples_per_prompt
+    if stage == "rlvr":
+        return cfg.rollout.n
+    return 1  # sft: one demonstration; warmup: one (teacher, policy) pair per micro-batch slot
+
+
+def micro_batch_unit(cfg: PrismConfig, stage: str) -> int:
+    """Sequences (WARMUP: pairs) per micro-batch of ``stage``. SFT packs its records into rows of
+    ``data.max_seq_len`` tokens, one row per micro-batch, so it needs only one record per rank."""
+    return 1 if stage == "sft" else cfg.parallel.micro_batch_size
+
+
+def stage_batch_problem(cfg: PrismConfig, stage: StageConfig, dp: int) -> str | None:
+    """Why ``stage``'s global batch cannot be split over ``dp`` data-parallel ranks into whole
+    micro-batches of ``parallel.micro_batch_size`` (None when it can)."""
+    gbs, mbs = stage.global_batch_size, micro_batch_unit(cfg, stage.name)
+    per_prompt = sequences_per_prompt(cfg, stage.name)
+    useful = largest_useful_dp(cfg, stage)
+    hint = f"the largest data-parallel size this batch can use is {useful}" if useful else \
+        f"no data-parallel size can use it: make it a multiple of the micro-batch size {mbs}"
+    if gbs % dp:
+        return (f"does not split over {dp} data-parallel ranks ({hint}); use fewer ranks or a global batch that "
+                f"is a multiple of {dp}")
+    per_rank = gbs // dp * per_prompt
+    if per_rank % mbs:
+        unit = "sequences" if per_prompt > 1 else ("pairs" if stage.name == "warmup" else "records")
+        return (f"gives each of {dp} data-parallel ranks {per_rank} {unit} per step, not whole micro-batches of "
+                f"parallel.micro_batch_size={mbs} ({hint})")
+    if stage.name in ("align", "rlvr") and (per_rank // mbs) % cfg.algorithm.mini_batches:
+        return (f"gives each data-parallel rank {per_rank // mbs} micro-batches per step, which "
+                f"algorithm.mini_batches={cfg.algorithm.mini_batches} does not divide into equal mini-batches")
+    return None
+
+
+def largest_useful_dp(cfg: PrismConfig, stage: StageConfig) -> int:
+    """The largest data-parallel size over which ``stage``'s global batch still splits into whole
+    micro-batches on every rank (0 when none does); more ranks than this cannot speed the stage up."""
+    gbs, mbs = stage.global_batch_size, micro_batch_unit(cfg, stage.name)
+    per_prompt = sequences_per_prompt(cfg, stage.name)
+    for dp in range(gbs, 0, -1):
+        if gbs % dp == 0 and (gbs // dp * per_prompt) % mbs == 0:
+            return dp
+    return 0
+
+
+# ------------------------------------------------------------------------------------ the check
+
+@dataclass
+class _Check:
+    cfg: PrismConfig
+    builder: _Builder
+    problems: list[Problem] = field(default_factory=list)
+    unknown_names: set[str] = field(default_factory=set)  # keys whose name is not registered
+
+    def get(self, key: str) -> Any:
+        node: Any = self.cfg
+        for part in key.split("."):
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        return node
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(Problem(key, message))
+
+    def at_least(self, key: str, low: float, what: str) -> None:
+        value = self.get(key)
+        if value is not None and value < low:
+            self.fail(key, f"{what} must be at least {low:g}")
+
+    def within(self, key: str, low: float, high: float, what: str, *, low_open: bool = False,
+               high_open: bool = False) -> None:
+        value = self.get(key)
+        if value is None:
+            return
+        bad = value < low or value > high or (low_open and value == low) or (high_open and value == high)
+        if bad:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            self.fail(key, f"{what} must lie in {interval}")
+
+    def name(self, key: str, registry) -> None:
+        from megatron_prism.registry import UnknownNameError
+
+        try:
+            registry.get(self.get(key))
+        except UnknownNameError as exc:
+            self.fail(key, str(exc))
+            self.unknown_names.add(key)
+
+    def format(self, problem: Problem) -> str:
+        try:
+            value = self.get(problem.key)
+            shown = "null" if value is None else repr(value)
+            head = f"key '{problem.key}' {self.builder.where(problem.key)} is {shown}"
+        except (AttributeError, KeyError, TypeError):  # a problem about a key the schema lacks
+            head = f"'{problem.key}' {self.builder.where(problem.key)}"
+        return f"{head}: {problem.message}"
+
+
+def _ranges(c: _Check) -> None:
+    cfg = c.cfg
+    for key, what in (("parallel.tp", "the tensor-parallel size"), ("parallel.pp", "the pipeline-parallel size"),
+                      ("parallel.vpp", "the virtual pipeline size"), ("parallel.ep", "the expert-parallel size"),
+                      ("parallel.micro_batch_size", "the micro-batch size")):
+        c.at_least(key, 1, what)
+    c.at_least("data.max_seq_len", 1, "the sequence length")
+    c.at_least("data.min_pixels", 1, "the smallest image size in pixels")
+    c.at_least("data.seed", 0, "a seed")
+    if cfg.data.max_pixels < cfg.data.min_pixels:
+        c.fail("data.max_pixels", f"must be at least data.min_pixels={cfg.data.min_pixels}")
+    try:
+        synth_sizes(cfg.data.synth_sizes)
+    except ValueError as exc:
+        c.fail("data.synth_sizes", f"{exc}; write e.g. sft=2000,align=500,rl=1000,eval=200")
+    o = "optim"
+    c.at_least(f"{o}.lr", 0, "a learning rate")
+    c.at_least(f"{o}.min_lr", 0, "a learning rate")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        c.fail(f"{o}.min_lr", f"is above optim.lr={cfg.optim.lr:g}; the schedule decays from lr down to min_lr")
+    c.at_least(f"{o}.weight_decay", 0, "weight decay")
+    c.within(f"{o}.adam_beta1", 0, 1, "an Adam beta", high_open=True)
+    c.within(f"{o}.adam_beta2", 0, 1, "an Adam beta", high_open=True)
+    c.within(f"{o}.adam_eps", 0, 1, "Adam's epsilon", low_open=True)
+    c.at_least(f"{o}.clip_grad", 0, "the gradient clip norm (0: no clipping)")
+    c.at_least(f"{o}.warmup_steps", 0, "the number of warm-up steps")
+    r = "rollout"
+    c.at_least(f"{r}.n", 1, "the number of samples per prompt")
+    c.at_least(f"{r}.temperature", 0, "a sampling temperature (0: greedy)")
+    c.within(f"{r}.top_p", 0, 1, "top-p", low_open=True)
+    if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
+        c.fail(f"{r}.top_k", "top-k is -1 (off) or at least 1")
+    c.at_least(f"{r}.max_new_tokens", 1, "the response budget")
+    if cfg.rollout.max_new_tokens >= cfg.data.max_seq_len >= 1:
+        c.fail(f"{r}.max_new_tokens", f"leaves no room for the prompt within data.max_seq_len={cfg.data.max_seq_len} "
+                                      "(prompt + response); lower it or raise data.max_seq_len")
+    c.within(f"{r}.gpu_memory_fraction", 0, 1, "the engine's share of GPU memory", low_open=True, high_open=True)
+    c.at_least(f"{r}.val_n", 1, "the number of held-out samples per item")
+    c.at_least(f"{r}.val_temperature", 0, "a sampling temperature (0: greedy)")
+    if hasattr(cfg.rollout, "tp"):  # the engine's own tensor-parallel size (GPU engines)
+        c.at_least(f"{r}.tp", 1, "the rollout engine's tensor-parallel size")
+    _algorithm_ranges(c, "algorithm")
+    d = "discriminator"
+    c.at_least(f"{d}.num_experts", 1, "the number of experts")
+    if not 1 <= cfg.discriminator.topk <= max(cfg.discriminator.num_experts, 1):
+        c.fail(f"{d}.topk", f"must lie in [1, discriminator.num_experts={cfg.discriminator.num_experts}]")
+    for key in ("upcycle_noise_std", "router_noise", "aux_loss_coef", "warmup_lr", "warmup_score_l2", "align_lr",
+                "score_l2", "weight_decay", "clip_grad"):
+        c.at_least(f"{d}.{key}", 0, key.replace("_", " "))
+    for key in ("router_init_std", "head_init_std"):
+        c.within(f"{d}.{key}", 0, float("inf"), "an initialisation std", low_open=True)
+    c.within(f"{d}.head_dropout", 0, 1, "a dropout rate", high_open=True)
+    c.within(f"{d}.warmup_lr_warmup_ratio", 0, 1, "the warm-up share of WARMUP's steps", high_open=True)
+    a = "align"
+    for key in ("caption_weight", "reasoning_weight", "invalid_penalty", "invalid_offset", "no_valid_fallback_coef"):
+        c.at_least(f"{a}.{key}", 0, key.replace("_", " "))
+    if cfg.align.caption_weight == 0 and cfg.align.reasoning_weight == 0:
+        c.fail(f"{a}.reasoning_weight", "and align.caption_weight are both 0: the game would have no reward")
+    c.within(f"{a}.score_clip", 0, float("inf"), "the score clip", low_open=True)
+    c.within(f"{a}.eps", 0, 1, "the normalisation epsilon", low_open=True)
+    c.at_least(f"{a}.samples_per_prompt", 2, "the group size (scores are normalised within a prompt's group)")
+    c.at_least(f"{a}.disc_steps_per_policy_step", 1, "the discriminator steps per policy step")
+    c.at_least("run.seed", 0, "a seed")
+    for stage in cfg.stages.values():
+        s = f"stages.{stage.name}"
+        trains = stage.name in TRAINING_STAGES
+        c.at_least(f"{s}.steps", 1 if trains and stage.enabled else 0, f"the {stage.name} step count")
+        c.at_least(f"{s}.global_batch_size", 1, "a global batch size")
+        c.at_least(f"{s}.save_every", 1, "the checkpoint interval in steps")
+        c.at_least(f"{s}.eval_every", 0, "the held-out evaluation interval (0: none)")
+        c.at_least(f"{s}.lr", 0, "a learning rate")
+    if "rlvr" in cfg.stages and cfg.stages["rlvr"].enabled and cfg.rollout.n < 2:
+        c.fail(f"{r}.n", "RLVR's advantages compare the samples of a prompt with each other: use at least 2")
+
+
+def _algorithm_ranges(c: _Check, a: str) -> None:
+    alg = c.get(a)
+    c.within(f"{a}.clip_low", 0, 1, "a clip ratio", low_open=True, high_open=True)
+    c.within(f"{a}.clip_high", 0, float("inf"), "a clip ratio", low_open=True)
+    if alg.dual_clip is not None and alg.dual_clip <= 1:
+        c.fail(f"{a}.dual_clip", "the dual-clip bound must be above 1 (DAPO uses 3)")
+    c.at_least(f"{a}.kl_coef", 0, "a KL coefficient")
+    c.at_least(f"{a}.entropy_coef", 0, "an entropy coefficient")
+    c.at_least(f"{a}.overlong_buffer", 0, "the overlong buffer")
+    c.at_least(f"{a}.overlong_penalty_factor", 0, "the overlong penalty factor")
+    c.at_least(f"{a}.max_sampling_rounds", 1, "the number of sampling rounds")
+    c.at_least(f"{a}.ppo_epochs", 1, "the number of passes over a step's rollouts")
+    c.at_least(f"{a}.mini_batches", 1, "the number of optimizer steps per pass")
+    if alg.reward_shaping == "dapo_overlong":
+        budget = c.cfg.rollout.max_new_tokens
+        if not 0 < alg.overlong_buffer < budget:
+            c.fail(f"{a}.overlong_buffer", f"{a}.reward_shaping=dapo_overlong needs a buffer in (0, "
+                                           f"rollout.max_new_tokens={budget}): the last tokens of the response "
+                                           "budget, over which the penalty ramps up")
+
+
+def _names(c: _Check) -> None:
+    from megatron_prism.algorithms import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, REWARD_SHAPERS,
+                                           SAMPLING_FILTERS)
+    from megatron_prism.rewards import REWARDS
+    from megatron_prism.rollout import ENGINES
+
+    for key, registry in (("algorithm.reward", REWARDS), ("algorithm.advantage", ADVANTAGES),
+                          ("algorithm.loss", POLICY_LOSSES), ("algorithm.kl_kind", KL_ESTIMATORS),
+                          ("algorithm.reward_shaping", REWARD_SHAPERS),
+                          ("algorithm.sampling_filter", SAMPLING_FILTERS), ("rollout.engine", ENGINES)):
+        c.name(key, registry)
+
+
+def _policy_shape(c: _Check):
+    """The policy's model shape (its config.json, or the built-in tiny model), or None when the
+    directory is missing (reported by the path rules)."""
+    from megatron_prism.plan.shapes import PlanError, resolve_policy_shape
+
+    try:
+        return resolve_policy_shape(c.cfg.model.hf_dir, c.cfg.model.megatron_dir, None)
+    except PlanError:
+        return None
+
+
+def _layout(c: _Check, world_size: int | None, *, batches: bool) -> None:
+    cfg, p = c.cfg, c.cfg.parallel
+    if min(p.tp, p.pp, p.ep, p.micro_batch_size) < 1 or (p.vpp is not None and p.vpp < 1):
+        return  # the range rules said it; nothing below can be computed
+    if p.vpp is not None and p.pp < 2:
+        c.fail("parallel.vpp", f"needs pipeline parallelism (parallel.pp > 1, it is {p.pp}); set parallel.vpp=null "
+                               "or raise parallel.pp")
+    if p.sequence_parallel and p.tp < 2:
+        c.fail("parallel.sequence_parallel", "splits sequences over tensor-parallel ranks: it needs parallel.tp > 1")
+    game = any(n in cfg.stages and cfg.stages[n].enabled for n in ("warmup", "align"))
+    if game and cfg.discriminator.mode != "dense" and cfg.discriminator.num_experts % p.ep:
+        c.fail("parallel.ep", f"must divide discriminator.num_experts={cfg.discriminator.num_experts} (experts are "
+                              "spread evenly over the expert-parallel ranks)")
+    shape = _policy_shape(c)
+    if shape is not None:
+        t = shape.text
+        for what, count in (("attention heads", t.heads), ("KV heads", t.kv_heads), ("vocabulary", t.vocab),
+                            ("MLP width", t.ffn)):
+            if count % p.tp:
+                c.fail("parallel.tp", f"does not divide the policy's {count} {what} ({shape.name}); choose a divisor "
+                                      f"of {count}")
+                break
+        stages = p.pp * (p.vpp or 1)
+        if t.layers % stages:
+            key = "parallel.vpp" if p.vpp else "parallel.pp"
+            c.fail(key, f"pipeline stages x virtual stages = {stages} does not divide the policy's {t.layers} layers")
+        elif shape.vision.deepstack > t.layers // stages:
+            c.fail("parallel.pp", f"leaves {t.layers // stages} layers on the first pipeline stage, fewer than the "
+                                  f"{shape.vision.deepstack} that receive DeepStack vision features; use fewer stages")
+    if world_size is None:
+        return
+    if world_size % (p.tp * p.pp):
+        c.fail("parallel.tp", f"TP {p.tp} x PP {p.pp} = {p.tp * p.pp} does not divide the {world_size} ranks; choose "
+                              "TP and PP whose product divides the number of processes")
+        return
+    dp = world_size // (p.tp * p.pp)
+    if game and dp % p.ep:
+        c.fail("parallel.ep", f"must divide the data-parallel size {dp} (= {world_size} ranks / TP {p.tp} / PP {p.pp}),"
+                              " from which megatron carves the expert-parallel groups")
+    rollout_tp = getattr(cfg.rollout, "tp", None)
+    if rollout_tp and world_size % rollout_tp:
+        c.fail("rollout.tp", f"does not divide the {world_size} ranks: each engine spans rollout.tp ranks")
+    for stage in cfg.enabled_stages() if batches else ():
+        if stage.name in TRAINING_STAGES and stage.global_batch_size >= 1:
+            problem = stage_batch_problem(cfg, stage, dp)
+            if problem:
+                c.fail(f"stages.{stage.name}.global_batch_size", problem)
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "prism_checkpoint.json").is_file()
+
+
+def _paths(c: _Check) -> None:
+    cfg = c.cfg
+    m = cfg.model
+    if m.megatron_dir and not (Path(m.megatron_dir) / "prism_checkpoint.json").is_file():
+        c.fail("model.megatron_dir", "is not a megatron_prism checkpoint (no prism_checkpoint.json); convert one with "
+                                     "`prism convert hf-to-megatron` or point it at a training checkpoint")
+    elif m.hf_dir and not m.megatron_dir and not (Path(m.hf_dir) / "config.json").is_file():
+        c.fail("model.hf_dir", "has no config.json; point it at a Hugging Face Qwen3-VL directory (or set it to null "
+                               "for the built-in tiny model)")
+    if any(n in cfg.stages and cfg.stages[n].enabled for n in ("warmup", "align")):
+        d = cfg.discriminator
+        if d.megatron_dir and not (Path(d.megatron_dir) / "prism_checkpoint.json").is_file():
+            c.fail("discriminator.megatron_dir", "is not a discriminator checkpoint (no prism_checkpoint.json); write one "
+                                                 "with tools/upcycle_discriminator.py")
+        elif d.hf_dir and not d.megatron_dir and not (Path(d.hf_dir) / "config.json").is_file():
+            c.fail("discriminator.hf_dir", "has no config.json; point it at a Hugging Face Qwen3-VL directory")
+    if cfg.rollout.engine != "embedded" and "rollout.engine" not in c.unknown_names and not m.hf_dir:
+        c.fail("rollout.engine", "starts its server from Hugging Face weights on disk: set model.hf_dir (the "
+                                 "policy's HF directory) or use rollout.engine=embedded")
+    for stage in cfg.enabled_stages():
+        if stage.data_path is not None:
+            _split_exists(c, f"stages.{stage.name}.data_path", Path(stage.data_path))
+    if cfg.data.root is None:
+        return
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        c.fail("data.root", "is not a directory; point it at a folder with one sub-folder per split (sft/, align/, rl/,"
+                            " eval/; README 'Your data'), or set it to null for the synthetic task")
+        return
+    needed = {STAGE_SPLITS[s.name]: s.name for s in reversed(cfg.enabled_stages()) if s.data_path is None}
+    if any(s.eval_every > 0 for s in cfg.enabled_stages()):
+        needed.setdefault("eval", "held-out evaluation")
+    for split, reader in needed.items():
+        _split_exists(c, "data.root", root / split, reader=reader)
+
+
+def _split_exists(c: _Check, key: str, path: Path, reader: str | None = None) -> None:
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            c.fail(key, f"{path} is a {path.suffix or 'suffix-less'} file; records are {', '.join(DATA_SUFFIXES)}")
+        return
+    has = path.is_dir() and any(p.suffix in DATA_SUFFIXES for p in path.iterdir())
+    if not has:
+        why = f" (read by {reader})" if reader else ""
+        state = "is an empty folder" if path.is_dir() else "does not exist"
+        c.fail(key, f"split folder {path}{why} {state}; it needs {'/'.join(DATA_SUFFIXES)} record files "
+                    f"(README 'Your data'; `prism import` converts ShareGPT, LLaMA-Factory and verl files)")
+
+
+def check_config(cfg: PrismConfig, *, source: str = "<config>", overrides: Sequence[str] = (),
+                 world_size: int | None = None, names: bool = True, paths: bool = True,
+                 batches: bool = True) -> None:
+    """Every rule of this module; raises :class:`ConfigError` (one line) on the first failure.
+
+    ``source``/``overrides`` (as given to ``load_config``) only shape the message. ``world_size``
+    enables the rules that need the number of ranks (None: unknown, skipped); ``batches=False``
+    leaves the per-stage batch rule to the caller (``prism plan`` reports it per stage).
+    """
+    problems = find_problems(cfg, source=source, overrides=overrides, world_size=world_size, names=names,
+                             paths=paths, batches=batches)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+
+
+def find_problems(cfg: PrismConfig, *, source: str = "<config>", overrides: Sequence[str] = (),
+                  world_size: int | None = None, names: bool = True, paths: bool = True,
+                  batches: bool = True) -> list[str]:
+    """The one-line message of every rule ``cfg`` breaks, in a fixed order (ranges, names, layout,
+    paths)."""
+    origins = {parse_override(raw)[0]: raw for raw in overrides}
+    c = _Check(cfg, _Builder(source, origins))
+    _ranges(c)
+    if names:
+        _names(c)
+    _layout(c, world_size, batches=batches)
+    if paths:
+        _paths(c)
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for problem in c.problems:
+        if (problem.key, problem.message) not in seen:
+            seen.add((problem.key, problem.message))
+            out.append(c.format(problem))
+    return out
+
+
+def launched_world_size(environ: dict[str, str] | None = None) -> int:
+    """The number of ranks of this launch (torchrun's WORLD_SIZE; a plain process is one rank)."""
+    env = os.environ if environ is None else environ
+    try:
+        return max(int(env.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
+def launcher_world_size(launcher: str) -> int | None:
+    """Ranks a ``prism experiment --launcher`` command starts (``torchrun --nnodes N
+    --nproc-per-node G``), or None when it cannot be read from the command line."""
+    import shlex
+
+    if not launcher.strip():
+        return 1
+    words = shlex.split(launcher)
+    values: dict[str, str] = {}
+    for i, word in enumerate(words):
+        for flag in ("--nproc-per-node", "--nproc_per_node", "--nnodes"):
+            if word == flag and i + 1 < len(words):
+                values[flag.replace("_", "-")] = words[i + 1]
+            elif word.startswith(flag + "="):
+                values[flag.replace("_", "-")] = word.split("=", 1)[1]
+    try:
+        per_node = int(values.get("--nproc-per-node", ""))
+        nodes = int(values.get("--nnodes", "1").split(":")[-1])
+    except ValueError:
+        return None
+    return per_node * nodes
+
