@@ -150,7 +150,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         status, text = run_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem, preset=args.preset, auto=args.auto,
                                 asm=Assumptions(peak_tflops=args.peak_tflops, mfu=args.mfu,
                                                 decode_tokens_per_s_per_gpu=args.decode_tokens_per_s),
-                                json_out=args.json)
+                                json_out=args.json, source=args.config, overrides=args.overrides)
     except (ConfigError, PlanError) as exc:
         _err(str(exc))
         return 2

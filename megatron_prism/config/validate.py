@@ -86,43 +86,55 @@ def sequences_per_prompt(cfg: PrismConfig, stage: str) -> int:
     return 1  # sft: one demonstration; warmup: one (teacher, policy) pair per micro-batch slot
 
 
-def micro_batch_unit(cfg: PrismConfig, stage: str) -> int:
+def micro_batch_unit(stage: str, micro_batch_size: int) -> int:
     """Sequences (WARMUP: pairs) per micro-batch of ``stage``. SFT packs its records into rows of
     ``data.max_seq_len`` tokens, one row per micro-batch, so it needs only one record per rank."""
-    return 1 if stage == "sft" else cfg.parallel.micro_batch_size
+    return 1 if stage == "sft" else micro_batch_size
 
 
-def stage_batch_problem(cfg: PrismConfig, stage: StageConfig, dp: int) -> str | None:
-    """Why ``stage``'s global batch cannot be split over ``dp`` data-parallel ranks into whole
-    micro-batches of ``parallel.micro_batch_size`` (None when it can)."""
-    gbs, mbs = stage.global_batch_size, micro_batch_unit(cfg, stage.name)
-    per_prompt = sequences_per_prompt(cfg, stage.name)
-    useful = largest_useful_dp(cfg, stage)
+def largest_dp_for(stage: str, global_batch: int, per_prompt: int, micro_batch_size: int) -> int:
+    """The largest data-parallel size over which a global batch of ``global_batch`` records, each
+    ``per_prompt`` sequences, still splits into whole micro-batches on every rank (0: none)."""
+    unit = micro_batch_unit(stage, micro_batch_size)
+    for dp in range(global_batch, 0, -1):
+        if global_batch % dp == 0 and (global_batch // dp * per_prompt) % unit == 0:
+            return dp
+    return 0
+
+
+def batch_split_problem(stage: str, global_batch: int, per_prompt: int, micro_batch_size: int, dp: int,
+                        mini_batches: int = 1) -> str | None:
+    """Why a stage's global batch cannot be split over ``dp`` data-parallel ranks into whole
+    micro-batches (and, for the policy-gradient stages, equal mini-batches); None when it can."""
+    unit = micro_batch_unit(stage, micro_batch_size)
+    useful = largest_dp_for(stage, global_batch, per_prompt, micro_batch_size)
     hint = f"the largest data-parallel size this batch can use is {useful}" if useful else \
-        f"no data-parallel size can use it: make it a multiple of the micro-batch size {mbs}"
-    if gbs % dp:
+        f"no data-parallel size can use it: make it a multiple of the micro-batch size {unit}"
+    if global_batch % dp:
         return (f"does not split over {dp} data-parallel ranks ({hint}); use fewer ranks or a global batch that "
                 f"is a multiple of {dp}")
-    per_rank = gbs // dp * per_prompt
-    if per_rank % mbs:
-        unit = "sequences" if per_prompt > 1 else ("pairs" if stage.name == "warmup" else "records")
-        return (f"gives each of {dp} data-parallel ranks {per_rank} {unit} per step, not whole micro-batches of "
-                f"parallel.micro_batch_size={mbs} ({hint})")
-    if stage.name in ("align", "rlvr") and (per_rank // mbs) % cfg.algorithm.mini_batches:
-        return (f"gives each data-parallel rank {per_rank // mbs} micro-batches per step, which "
-                f"algorithm.mini_batches={cfg.algorithm.mini_batches} does not divide into equal mini-batches")
+    per_rank = global_batch // dp * per_prompt
+    if per_rank % unit:
+        what = "sequences" if per_prompt > 1 else ("pairs" if stage == "warmup" else "records")
+        return (f"gives each of {dp} data-parallel ranks {per_rank} {what} per step, not whole micro-batches of "
+                f"parallel.micro_batch_size={unit} ({hint})")
+    if stage in ("align", "rlvr") and (per_rank // unit) % mini_batches:
+        return (f"gives each data-parallel rank {per_rank // unit} micro-batches per step, which "
+                f"algorithm.mini_batches={mini_batches} does not divide into equal mini-batches")
     return None
 
 
+def stage_batch_problem(cfg: PrismConfig, stage: StageConfig, dp: int) -> str | None:
+    """:func:`batch_split_problem` for a stage of ``cfg`` at ``dp`` data-parallel ranks."""
+    return batch_split_problem(stage.name, stage.global_batch_size, sequences_per_prompt(cfg, stage.name),
+                               cfg.parallel.micro_batch_size, dp, cfg.algorithm.mini_batches)
+
+
 def largest_useful_dp(cfg: PrismConfig, stage: StageConfig) -> int:
-    """The largest data-parallel size over which ``stage``'s global batch still splits into whole
-    micro-batches on every rank (0 when none does); more ranks than this cannot speed the stage up."""
-    gbs, mbs = stage.global_batch_size, micro_batch_unit(cfg, stage.name)
-    per_prompt = sequences_per_prompt(cfg, stage.name)
-    for dp in range(gbs, 0, -1):
-        if gbs % dp == 0 and (gbs // dp * per_prompt) % mbs == 0:
-            return dp
-    return 0
+    """The largest data-parallel size ``stage``'s global batch can use (0: none); more ranks than
+    this cannot speed the stage up."""
+    return largest_dp_for(stage.name, stage.global_batch_size, sequences_per_prompt(cfg, stage.name),
+                          cfg.parallel.micro_batch_size)
 
 
 # ------------------------------------------------------------------------------------ the check
@@ -131,6 +143,7 @@ def largest_useful_dp(cfg: PrismConfig, stage: StageConfig) -> int:
 class _Check:
     cfg: PrismConfig
     builder: _Builder
+    policy_shape: Any = None  # plan.shapes.ModelShape, when the caller knows it (prism plan --preset)
     problems: list[Problem] = field(default_factory=list)
     unknown_names: set[str] = field(default_factory=set)  # keys whose name is not registered
 
@@ -291,6 +304,8 @@ def _policy_shape(c: _Check):
     directory is missing (reported by the path rules)."""
     from megatron_prism.plan.shapes import PlanError, resolve_policy_shape
 
+    if c.policy_shape is not None:
+        return c.policy_shape
     try:
         return resolve_policy_shape(c.cfg.model.hf_dir, c.cfg.model.megatron_dir, None)
     except PlanError:
@@ -346,10 +361,6 @@ def _layout(c: _Check, world_size: int | None, *, batches: bool) -> None:
                 c.fail(f"stages.{stage.name}.global_batch_size", problem)
 
 
-def _is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() or (path / "prism_checkpoint.json").is_file()
-
-
 def _paths(c: _Check) -> None:
     cfg = c.cfg
     m = cfg.model
@@ -400,32 +411,35 @@ def _split_exists(c: _Check, key: str, path: Path, reader: str | None = None) ->
 
 
 def check_config(cfg: PrismConfig, *, source: str = "<config>", overrides: Sequence[str] = (),
-                 world_size: int | None = None, names: bool = True, paths: bool = True,
-                 batches: bool = True) -> None:
+                 world_size: int | None = None, names: bool = True, paths: bool = True, layout: bool = True,
+                 batches: bool = True, policy_shape: Any = None) -> None:
     """Every rule of this module; raises :class:`ConfigError` (one line) on the first failure.
 
     ``source``/``overrides`` (as given to ``load_config``) only shape the message. ``world_size``
-    enables the rules that need the number of ranks (None: unknown, skipped); ``batches=False``
-    leaves the per-stage batch rule to the caller (``prism plan`` reports it per stage).
+    enables the rules that need the number of ranks (None: unknown, skipped). ``layout=False``
+    skips the parallel-layout rules (``prism plan --auto`` chooses the layout itself);
+    ``batches=False`` leaves the per-stage batch rule to the caller (``prism plan`` reports it per
+    stage). ``policy_shape`` replaces reading the policy's config.json (``prism plan --preset``).
     """
     problems = find_problems(cfg, source=source, overrides=overrides, world_size=world_size, names=names,
-                             paths=paths, batches=batches)
+                             paths=paths, layout=layout, batches=batches, policy_shape=policy_shape)
     if problems:
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise ConfigError(problems[0] + more)
 
 
 def find_problems(cfg: PrismConfig, *, source: str = "<config>", overrides: Sequence[str] = (),
-                  world_size: int | None = None, names: bool = True, paths: bool = True,
-                  batches: bool = True) -> list[str]:
+                  world_size: int | None = None, names: bool = True, paths: bool = True, layout: bool = True,
+                  batches: bool = True, policy_shape: Any = None) -> list[str]:
     """The one-line message of every rule ``cfg`` breaks, in a fixed order (ranges, names, layout,
-    paths)."""
+    paths); the arguments are :func:`check_config`'s."""
     origins = {parse_override(raw)[0]: raw for raw in overrides}
-    c = _Check(cfg, _Builder(source, origins))
+    c = _Check(cfg, _Builder(source, origins), policy_shape)
     _ranges(c)
     if names:
         _names(c)
-    _layout(c, world_size, batches=batches)
+    if layout:
+        _layout(c, world_size, batches=batches)
     if paths:
         _paths(c)
     seen: set[tuple[str, str]] = set()

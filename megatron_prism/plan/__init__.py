@@ -4,7 +4,8 @@
 ``memory``  per-GPU memory and throughput estimates for a layout, and the search over layouts;
 ``report``  what ``prism plan`` prints and its exit status, from a resolved config.
 
-Torch-free, so that it runs on a login node in well under a second.
+Torch-free except for the config rules' registered names (the same check `prism run` makes first), so it
+runs on a login node in a couple of seconds.
 """
 
 from megatron_prism.plan.memory import (

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from megatron_prism.config.validate import TRAINING_STAGES, batch_split_problem, largest_dp_for
 from megatron_prism.plan.shapes import PRESETS, ModelShape, PlanError
 
 GiB = 1024 ** 3
@@ -67,6 +68,35 @@ class Workload:
     discriminator: ModelShape | None = None  # WARMUP/ALIGN enabled
     disc_top_k: int = 2
     stage_batches: dict[str, int] = field(default_factory=dict)  # stage -> global batch size
+    stage_samples: dict[str, int] = field(default_factory=dict)  # stage -> sequences per record (rollout.n, ...)
+    mini_batches: int = 1  # algorithm.mini_batches: optimizer steps per pass of ALIGN/RLVR
+
+
+def stage_dp_limits(work: Workload, micro_batch_size: int) -> dict[str, int]:
+    """Per training stage, the largest data-parallel size its global batch can use (whole
+    micro-batches on every rank); past it more GPUs cannot make the stage faster."""
+    return {stage: largest_dp_for(stage, gbs, work.stage_samples.get(stage, 1), micro_batch_size)
+            for stage, gbs in work.stage_batches.items() if stage in TRAINING_STAGES}
+
+
+def batch_problems(work: Workload, lay: Layout) -> list[str]:
+    """The stages whose global batch ``lay``'s data-parallel size cannot split into whole
+    micro-batches (config/validate's rule), as one problem naming each stage's key."""
+    limits = stage_dp_limits(work, lay.micro_batch_size)
+    parts = []
+    for stage, gbs in work.stage_batches.items():
+        if stage not in TRAINING_STAGES:
+            continue
+        why = batch_split_problem(stage, gbs, work.stage_samples.get(stage, 1), lay.micro_batch_size, lay.dp,
+                                  work.mini_batches)
+        if why and limits[stage] and lay.dp > limits[stage]:
+            parts.append(f"stages.{stage}.global_batch_size={gbs} (useful up to DP {limits[stage]})")
+        elif why:
+            parts.append(f"stages.{stage}.global_batch_size={gbs} {why}")
+    if not parts:
+        return []
+    return [f"data parallelism: DP={lay.dp} cannot give every rank whole micro-batches of " + "; ".join(parts)
+            + "; use fewer GPUs or larger global batches"]
 
 
 @dataclass(frozen=True)
@@ -178,6 +208,7 @@ def estimate(shape: ModelShape, lay: Layout, work: Workload, gpu_gib: float) -> 
             est.problems.append(
                 f"colocated rollout does not fit: training state kept on the GPU ({resident:.1f} GiB) + engine "
                 f"({engine:.1f} GiB = fraction {lay.rollout_fraction}) + {HEADROOM_GIB:.0f} headroom > {gpu_gib:.0f} GiB")
+    est.problems.extend(batch_problems(work, lay))
     return est
 
 
@@ -226,17 +257,21 @@ def choose(shape: ModelShape, nodes: int, gpus_per_node: int, gpu_gib: float, wo
 
 
 def steps_per_hour(shape: ModelShape, lay: Layout, work: Workload, asm: Assumptions) -> dict[str, float]:
-    """Expected optimizer steps per hour per stage, from the stated assumptions."""
-    world = lay.tp * lay.pp * lay.dp
+    """Expected optimizer steps per hour per stage, from the stated assumptions. A stage counts
+    only the data-parallel ranks its global batch can use (:func:`stage_dp_limits`): past that
+    size more GPUs do not make its steps faster."""
     flops_per_token = (8 if lay.recompute == "full" else 6) * shape.active_text_params()
-    train_rate = world * asm.peak_tflops * 1e12 * asm.mfu  # FLOP/s
+    limits = stage_dp_limits(work, lay.micro_batch_size)
     out = {}
     for stage, gbs in work.stage_batches.items():
+        dp = min(lay.dp, limits.get(stage) or lay.dp)
+        world = lay.tp * lay.pp * dp
+        train_rate = world * asm.peak_tflops * 1e12 * asm.mfu  # FLOP/s
         if stage in ("sft", "warmup"):
             seconds = gbs * work.max_seq_len * flops_per_token / train_rate
         elif stage in ("align", "rlvr"):
             response = asm.mean_response_fraction * work.max_new_tokens
-            seqs = gbs * work.rollout_n
+            seqs = gbs * work.stage_samples.get(stage, work.rollout_n)
             gen = seqs * response / (world * asm.decode_tokens_per_s_per_gpu)
             # log-probs of old and reference policy, plus the update: ~ (2 + 6) / 6 of a training pass
             seconds = gen + seqs * (work.max_seq_len - work.max_new_tokens + response) * flops_per_token * 8 / 6 / train_rate
@@ -250,5 +285,6 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-__all__ = ["Assumptions", "Estimate", "Layout", "PlanError", "Workload", "choose", "estimate", "stage_params",
+__all__ = ["Assumptions", "Estimate", "Layout", "PlanError", "Workload", "batch_problems", "choose", "estimate",
+           "stage_dp_limits", "stage_params",
            "steps_per_hour", "preset_names", "GiB", "HEADROOM_GIB"]

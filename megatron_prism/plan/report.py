@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 from megatron_prism.config.schema import PrismConfig
-from megatron_prism.plan.memory import Assumptions, Estimate, GiB, HEADROOM_GIB, Layout, Workload, choose, estimate, steps_per_hour
+from megatron_prism.config.validate import check_config, sequences_per_prompt
+from megatron_prism.plan.memory import (Assumptions, Estimate, GiB, HEADROOM_GIB, Layout, Workload, batch_problems,
+                                        candidates, choose, estimate, stage_dp_limits, steps_per_hour)
 from megatron_prism.plan.shapes import PRESETS, ModelShape, PlanError, resolve_policy_shape, shape_from_hf_config, tiny_shape
 
 
@@ -45,11 +47,13 @@ def discriminator_shape(cfg: PrismConfig) -> ModelShape | None:
 
 def workload_from_config(cfg: PrismConfig) -> Workload:
     stages = {s.name: s.global_batch_size for s in cfg.enabled_stages()}
+    samples = {name: sequences_per_prompt(cfg, name) for name in stages}
     return Workload(
         dtype=cfg.model.dtype, max_seq_len=cfg.data.max_seq_len, max_new_tokens=cfg.rollout.max_new_tokens,
         max_pixels=cfg.data.max_pixels, rollout_n=cfg.rollout.n, colocated=cfg.rollout.engine in ("sglang", "vllm"),
         kl_reference=cfg.algorithm.kl_coef > 0, discriminator=discriminator_shape(cfg),
-        disc_top_k=getattr(getattr(cfg, "discriminator", None), "topk", 2), stage_batches=stages)
+        disc_top_k=getattr(getattr(cfg, "discriminator", None), "topk", 2), stage_batches=stages,
+        stage_samples=samples, mini_batches=cfg.algorithm.mini_batches)
 
 
 def config_layout(cfg: PrismConfig, world: int) -> Layout:
@@ -85,6 +89,10 @@ def format_estimate(shape: ModelShape, est: Estimate, work: Workload, asm: Assum
         lines.append(f"  {'rollout engine':<18} {lay.rollout_fraction * est.gpu_gib:8.2f} GiB  fraction "
                      f"{lay.rollout_fraction}, TP={lay.rollout_tp}: weights {g['rollout_weights']:.2f} + KV cache "
                      f"{g['rollout_kv_cache']:.2f} ({est.rollout_kv_tokens} tokens)")
+    limits = stage_dp_limits(work, lay.micro_batch_size)
+    if limits:
+        lines.append(f"largest useful data-parallel size per stage (whole micro-batches on every rank; DP here "
+                     f"{lay.dp}): " + ", ".join(f"{k} {v}" for k, v in limits.items()))
     rates = steps_per_hour(shape, lay, work, asm)
     if rates:
         lines.append("expected steps/hour (assumes " + f"{asm.peak_tflops:.0f} TFLOP/s peak x MFU {asm.mfu}, "
@@ -96,12 +104,18 @@ def format_estimate(shape: ModelShape, est: Estimate, work: Workload, asm: Assum
 
 
 def run_plan(cfg: PrismConfig, nodes: int, gpus_per_node: int, gpu_gib: float, *, preset: str | None,
-             auto: bool, asm: Assumptions | None = None, json_out: str | None = None) -> tuple[int, str]:
-    """Returns (exit status, text to print)."""
+             auto: bool, asm: Assumptions | None = None, json_out: str | None = None, source: str = "<config>",
+             overrides: tuple[str, ...] | list[str] = ()) -> tuple[int, str]:
+    """Returns (exit status, text to print). ``source``/``overrides`` name where a key that breaks
+    a rule was set (as ``load_config`` was given them); such a key raises ``ConfigError``."""
     asm = asm or Assumptions()
     shape = resolve_policy_shape(cfg.model.hf_dir, cfg.model.megatron_dir, preset)
-    work = workload_from_config(cfg)
     world = nodes * gpus_per_node
+    # The rules prism run applies, before anything is estimated; paths are not checked (planning
+    # happens before the download), and the batch rule is reported per stage below.
+    check_config(cfg, source=source, overrides=overrides, world_size=world, paths=False, layout=not auto,
+                 batches=False, policy_shape=shape)
+    work = workload_from_config(cfg)
     out: list[str] = []
     chosen = choose(shape, nodes, gpus_per_node, gpu_gib, work)
     status = 0
@@ -113,10 +127,10 @@ def run_plan(cfg: PrismConfig, nodes: int, gpus_per_node: int, gpu_gib: float, *
         if not est.fits:
             status = 1
             out.append("what would fit: " + (" ".join(chosen.layout.overrides()) + f" (rollout TP {chosen.layout.rollout_tp})"
-                                            if chosen else _nothing_fits(shape, world, gpu_gib, work)))
+                                            if chosen else _nothing_fits(shape, world, gpus_per_node, gpu_gib, work)))
     elif chosen is None:
         status = 1
-        out.append(f"no layout fits {nodes} x {gpus_per_node} GPUs of {gpu_gib:.0f} GiB: " + _nothing_fits(shape, world, gpu_gib, work))
+        out.append(f"no layout fits {nodes} x {gpus_per_node} GPUs of {gpu_gib:.0f} GiB: " + _nothing_fits(shape, world, gpus_per_node, gpu_gib, work))
     else:
         out.append(format_estimate(shape, chosen, work, asm, f"chosen layout on {nodes} x {gpus_per_node} GPUs of {gpu_gib:.0f} GiB"))
         out.append("overrides: " + " ".join(chosen.layout.overrides()) + f"   (rollout TP {chosen.layout.rollout_tp})")
@@ -126,8 +140,15 @@ def run_plan(cfg: PrismConfig, nodes: int, gpus_per_node: int, gpu_gib: float, *
     return status, "\n".join(out)
 
 
-def _nothing_fits(shape: ModelShape, world: int, gpu_gib: float, work: Workload) -> str:
-    """Why even the leanest layout fails: the sharded weights alone vs the GPU."""
+def _nothing_fits(shape: ModelShape, world: int, gpus_per_node: int, gpu_gib: float, work: Workload) -> str:
+    """Why even the leanest layout fails: the stages' batches cannot use this many GPUs, or the
+    sharded weights alone exceed the GPU."""
+    layouts = candidates(shape, world, gpus_per_node, work)
+    if layouts and all(batch_problems(work, lay) for lay in layouts):
+        limits = stage_dp_limits(work, 1)
+        return (f"no layout gives every stage whole micro-batches on {world} GPUs: the largest useful data-parallel "
+                f"size per stage (at micro-batch 1) is " + ", ".join(f"{k} {v}" for k, v in limits.items())
+                + "; use fewer GPUs or larger stages.<name>.global_batch_size")
     per_gpu_states = shape.total_params() * (2 + 4 + 12 / max(world, 1)) / min(world, 64) / GiB
     return (f"even sharded over all {world} GPUs the policy's weights + fp32 grads + Adam states need about "
             f"{per_gpu_states:.1f} GiB per GPU before activations and the rollout engine "

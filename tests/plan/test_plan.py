@@ -118,3 +118,41 @@ def test_missing_config_json_without_a_matching_name_names_the_fix(tmp_path):
     proc = _plan("examples/configs/prism_8b.yaml", f"model.hf_dir={tmp_path}/mystery", "--nodes", "1",
                  "--gpus-per-node", "8")
     assert proc.returncode == 2 and "--preset" in proc.stderr and "model.hf_dir" in proc.stderr
+
+
+def test_64_nodes_cannot_split_the_stage_batches_and_steps_per_hour_stop_growing():
+    """The 8B recipe's SFT batch of 16 cannot give 256 data-parallel ranks a micro-batch each: the
+    planner says so per stage, and its steps/hour stop at the largest useful DP (16 for SFT)."""
+    proc = _plan("examples/configs/prism_8b.yaml", "--nodes", "64", "--gpus-per-node", "8")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    verdict = proc.stdout.split("verdict: ")[1]
+    assert verdict.startswith("DOES NOT FIT: data parallelism: DP=256")
+    assert "stages.sft.global_batch_size=16 (useful up to DP 16)" in verdict
+    assert "stages.align.global_batch_size=4 (useful up to DP 4)" in verdict
+    assert "largest useful data-parallel size per stage (whole micro-batches on every rank; DP here 256): " \
+           "sft 16, warmup 64, align 4, rlvr 32" in proc.stdout
+    from megatron_prism.plan.memory import Assumptions, Layout, steps_per_hour
+    from megatron_prism.plan.report import workload_from_config
+    from megatron_prism.plan.shapes import PRESETS
+
+    work = workload_from_config(load_config(ROOT / "examples/configs/prism_8b.yaml", []))
+    rate = {dp: steps_per_hour(PRESETS["qwen3vl-8b"], Layout(2, 1, dp, micro_batch_size=2), work, Assumptions())
+            for dp in (8, 16, 256)}
+    assert rate[256]["sft"] == pytest.approx(rate[16]["sft"]) == pytest.approx(2 * rate[8]["sft"])
+    assert rate[256]["align"] == pytest.approx(rate[16]["align"])  # ALIGN's 4 prompts: DP 4 at most
+    auto = _plan("examples/configs/prism_8b.yaml", "--nodes", "64", "--gpus-per-node", "8", "--auto")
+    assert auto.returncode == 1 and "no layout gives every stage whole micro-batches on 512 GPUs" in auto.stdout
+
+
+@pytest.mark.parametrize("override,words", [
+    ("parallel.vpp=7", "needs pipeline parallelism (parallel.pp > 1, it is 1)"),
+    ("parallel.micro_batch_size=0", "the micro-batch size must be at least 1"),
+    ("parallel.tp=0", "the tensor-parallel size must be at least 1"),
+    ("stages.sft.steps=-3", "the sft step count must be at least 1"),
+])
+def test_plan_applies_the_config_rules_in_one_line(override, words):
+    proc = _plan("examples/configs/prism_8b.yaml", override, "--nodes", "1", "--gpus-per-node", "8")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"prism: error: key '{override.split('=')[0]}' in override '{override}'") and words in line
+    assert proc.stdout == ""
