@@ -1,28 +1,29 @@
-"""Importers of PRISM's published training data into our record format (JSONL + PNG files).
+"""``prism import``: convert the layouts other tools write into our record format (JSONL + PNG files).
 
-Two layouts:
+Three layouts (the row mappings live in :mod:`megatron_prism.data.layouts`):
 
-* ``verl-parquet``: verl's RL Parquet (``verl/examples/data_preprocess/geo3k.py``,
-  ``rl_dataset.py`` in XIAO4579/PRISM; ``prism-vlm/rl_dataset``): ``prompt`` (chat messages
-  ``[{"role", "content"}]``, ``<image>`` markers in the text), ``images`` (list of
-  ``{"bytes", "path"}``), ``reward_model.ground_truth``, ``data_source``, ``ability``,
+* ``verl``: verl's RL Parquet (``verl/examples/data_preprocess/geo3k.py``, ``rl_dataset.py`` in
+  XIAO4579/PRISM; ``prism-vlm/rl_dataset``): ``prompt`` (chat messages, ``<image>`` markers),
+  ``images`` (``{"bytes", "path"}``), ``reward_model.ground_truth``, ``data_source``, ``ability``,
   ``extra_info``; alignment rows also carry ``teacher_response`` (and ``teacher_caption`` /
   ``teacher_cot``). Records get ``answer`` = ground truth, ``source`` = data_source and, when a
-  teacher response is there, ``response`` = it (what the ``sft``/``align`` kinds need). Inline
-  image bytes are re-encoded as PNG files in ``<OUT stem>_images/`` next to the output JSONL.
-* ``sharegpt``: LLaMA-Factory's multimodal ShareGPT JSON/JSONL (``prism-vlm/gemini_distill``):
-  ``messages`` (``role``/``content``) or ``conversations`` (``from``/``value``: human, gpt,
-  system), optional ``system``, ``images`` (paths relative to the file, or ``--image-root``).
-  ``response`` = the final assistant turn; the turns before it are the prompt.
+  teacher response is there, ``response`` = it. The loader also reads such Parquet files directly;
+  importing writes the images out once as PNG files in ``<OUT stem>_images/``.
+* ``sharegpt``: ShareGPT / LLaMA-Factory ``sharegpt`` JSON or JSONL (``prism-vlm/gemini_distill``):
+  ``messages`` (``role``/``content``) or ``conversations`` (``from``/``value``: human, gpt, system),
+  optional ``system``, ``images`` (paths relative to the file, or to ``--image-root``).
+* ``llamafactory``: LLaMA-Factory's ``alpaca`` format (``instruction``, ``input``, ``output``,
+  ``system``, ``history``, ``images``); rows in its ``sharegpt`` format are read as well.
 
-System prompts are **dropped** from the turns and kept in ``meta["system_prompt"]``: our chat
-renderer adds PRISM's system prompt (``chat.PRISM_SYSTEM_PROMPT``) to every prompt that has none,
-so one config decides the system turn of every stage. ``--keep-system`` keeps them in
-``messages`` instead. A prompt of a single user turn becomes ``prompt``; longer ones ``messages``.
+``response`` is the final assistant turn; the turns before it are the prompt. System prompts are
+**dropped** into ``meta["system_prompt"]`` (``--keep-system`` keeps them): our chat renderer adds
+PRISM's system prompt (``chat.PRISM_SYSTEM_PROMPT``) to every prompt that has none, so one setting
+decides the system turn of every stage. A row without an id gets one derived from its content.
 
-CLI: ``python -m megatron_prism.data.importers {verl-parquet,sharegpt} IN OUT.jsonl --kind KIND``.
-Bad rows are skipped and counted (``--strict``: the first one is an error); unusable input
-(missing file, wrong type, missing columns, nothing importable) exits 2 with one line on stderr.
+    prism import sharegpt data/gemini_distill.json data/mine/sft/part-0.jsonl --kind sft
+
+Bad rows are skipped and counted (``--strict``: the first one is an error); unusable input (missing
+file, wrong type, missing columns, nothing importable) exits 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from megatron_prism.data import layouts
 from megatron_prism.data.records import (
     REQUIRED_BY_KIND,
     ImageRef,
@@ -47,43 +49,10 @@ from megatron_prism.data.records import (
     write_jsonl,
 )
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
 VERL_COLUMNS = ("prompt", "reward_model")
-
-
-def _content_text(content: Any, where: str) -> str:
-    """A message content: a string, or a list of ``{"type": "text"|"image"}`` parts (-> ``<image>``)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                parts.append(str(part.get("text") or ""))
-            elif kind == "image":
-                parts.append("<image>")
-            else:
-                raise RecordError(f"{where}: unknown message content part {part!r:.80}")
-        return "".join(parts)
-    raise RecordError(f"{where}: message content must be text, got {type(content).__name__}")
-
-
-def _turns_to_fields(turns: list[dict[str, str]], *, keep_system: bool, where: str) -> dict[str, Any]:
-    """``prompt`` (one user turn) or ``messages``, plus ``meta.system_prompt`` when dropped."""
-    out: dict[str, Any] = {"meta": {}}
-    system = [t["content"] for t in turns if t["role"] == "system"]
-    if system and not keep_system:
-        out["meta"]["system_prompt"] = "\n".join(system)
-        turns = [t for t in turns if t["role"] != "system"]
-    if not turns or turns[-1]["role"] != "user":
-        raise RecordError(f"{where}: the prompt turns must end with a user turn")
-    if len(turns) == 1:
-        out["prompt"] = turns[0]["content"]
-    else:
-        out["messages"] = turns
-    return out
+#: layout name -> (row mapping, input suffixes); "verl-parquet" is the older name of "verl"
+LAYOUTS = ("sharegpt", "llamafactory", "verl")
+_ALIASES = {"verl-parquet": "verl"}
 
 
 def _png(data: bytes, where: str) -> bytes:
@@ -99,56 +68,18 @@ def _png(data: bytes, where: str) -> bytes:
         raise RecordError(f"{where}: image bytes are not a readable image ({exc})") from None
 
 
+def _record(obj: dict[str, Any], *, kind: SplitKind, where: str, fallback_id: str) -> Record:
+    """A mapped row as a Record: inline images re-encoded as PNG, a positional id when it has none."""
+    obj = dict(obj)
+    obj["images"] = [{"bytes": _png(bytes(i["bytes"]), where)} if isinstance(i, dict) and "bytes" in i else i
+                     for i in obj.get("images") or []]
+    obj.setdefault("id", fallback_id)
+    if not obj["meta"]:
+        obj.pop("meta")
+    return parse_record(obj, kind=kind, base_dir=Path("."), where=where)  # image paths are absolute here
+
+
 # ------------------------------------------------------------------------------------------- verl
-
-def _verl_row(row: dict[str, Any], number: int, *, file: Path, kind: SplitKind, keep_system: bool) -> Record:
-    where = f"{file}:row {number}"
-    prompt = row.get("prompt")
-    if isinstance(prompt, str):  # some verl sets store the prompt as JSON text
-        try:
-            prompt = json.loads(prompt)
-        except json.JSONDecodeError:
-            raise RecordError(f"{where}: 'prompt' is text but not a JSON message list") from None
-    if not isinstance(prompt, list) or not prompt:
-        raise RecordError(f"{where}: 'prompt' must be a non-empty list of chat messages")
-    turns = []
-    for msg in prompt:
-        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
-            raise RecordError(f"{where}: a prompt message needs role system/user/assistant, got {msg!r:.80}")
-        turns.append({"role": msg["role"], "content": _content_text(msg.get("content"), where)})
-    obj = _turns_to_fields(turns, keep_system=keep_system, where=where)
-    reward_model = row.get("reward_model") or {}
-    truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
-    if isinstance(truth, (list, tuple)):
-        obj["meta"]["ground_truths"] = [str(t) for t in truth]
-        truth = truth[0] if truth else None
-    if truth is not None and str(truth).strip():
-        obj["answer"] = str(truth)
-    if row.get("teacher_response"):
-        obj["response"] = str(row["teacher_response"])
-    images = []
-    for item in row.get("images") or []:
-        if isinstance(item, dict) and item.get("bytes"):
-            images.append({"bytes": _png(bytes(item["bytes"]), where)})
-        elif isinstance(item, dict) and item.get("path"):
-            images.append(str(item["path"]))
-        elif isinstance(item, str):
-            images.append(item)
-        else:
-            raise RecordError(f"{where}: an image must be {{'bytes': ...}} or a path, got {type(item).__name__}")
-    obj["images"] = images
-    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
-    source = str(row.get("data_source") or file.stem)
-    index = extra.get("index", extra.get("id"))
-    obj["id"] = f"{source}-{index}" if index is not None else f"{file.stem}-{number}"
-    obj["source"] = source
-    obj["meta"].update({k: row[k] for k in ("ability", "teacher_caption", "teacher_cot") if row.get(k) is not None})
-    if isinstance(reward_model, dict) and reward_model.get("style"):
-        obj["meta"]["reward_style"] = reward_model["style"]
-    if extra:
-        obj["meta"]["extra_info"] = extra
-    return parse_record(obj, kind=kind, base_dir=file.parent, where=where)
-
 
 def iter_verl_parquet(path: Path, kind: SplitKind, *, keep_system: bool = False) -> Iterator[Record | RecordError]:
     """Each row of a verl RL Parquet file as a Record (or the RecordError saying why not)."""
@@ -165,15 +96,17 @@ def iter_verl_parquet(path: Path, kind: SplitKind, *, keep_system: bool = False)
     for batch in table.iter_batches(batch_size=64):
         for row in batch.to_pylist():
             number += 1
+            where = f"{path}:row {number}"
             try:
-                yield _verl_row(row, number, file=path, kind=kind, keep_system=keep_system)
+                obj = layouts.verl_record(row, where, keep_system=keep_system, image_root=path.parent.absolute())
+                yield _record(obj, kind=kind, where=where, fallback_id=f"{path.stem}-{number}")
             except RecordError as err:
                 yield err
 
 
-# --------------------------------------------------------------------------------------- ShareGPT
+# ------------------------------------------------------------------------ ShareGPT / LLaMA-Factory
 
-def _sharegpt_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as fh:
             for number, line in enumerate(fh, start=1):
@@ -188,61 +121,39 @@ def _sharegpt_rows(path: Path) -> Iterator[tuple[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecordError(f"{path}: not a readable JSON file ({exc})") from None
     if not isinstance(data, list):
-        raise RecordError(f"{path}: a ShareGPT file is a JSON list of conversations, got {type(data).__name__}")
+        raise RecordError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
     for number, row in enumerate(data, start=1):
         yield f"{path}:item {number}", row
 
 
-def _sharegpt_row(row: Any, where: str, *, number: int, file: Path, kind: SplitKind, keep_system: bool,
-                  image_root: Path) -> Record:
-    if not isinstance(row, dict):
-        raise RecordError(f"{where}: a conversation must be a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        raw, role_key, text_key = row["messages"], "role", "content"
-    elif "conversations" in row:
-        raw, role_key, text_key = row["conversations"], "from", "value"
-    else:
-        raise RecordError(f"{where}: no 'messages' or 'conversations' (has {sorted(row)})")
-    if not isinstance(raw, list) or not raw:
-        raise RecordError(f"{where}: the conversation must be a non-empty list of turns")
-    turns = [{"role": "system", "content": str(row["system"])}] if row.get("system") else []
-    for turn in raw:
-        role = SHAREGPT_ROLES.get(turn.get(role_key)) if isinstance(turn, dict) else None
-        if role is None:
-            raise RecordError(f"{where}: unsupported turn {turn!r:.80} (roles: {sorted(SHAREGPT_ROLES)})")
-        turns.append({"role": role, "content": _content_text(turn.get(text_key), where)})
-    response = None
-    if turns[-1]["role"] == "assistant":
-        response = turns.pop()["content"]
-    obj = _turns_to_fields(turns, keep_system=keep_system, where=where)
-    if response is not None:
-        obj["response"] = response
-    for key in ("answer", "ground_truth"):
-        if row.get(key) is not None and "answer" not in obj:
-            obj["answer"] = str(row[key])
-    images = row.get("images") or []
-    if isinstance(images, str):
-        images = [images]
-    obj["images"] = [str(p if Path(p).is_absolute() else (image_root / p)) for p in images]
-    obj["id"] = str(row.get("id") or f"{file.stem}-{number}")
-    if row.get("source") is not None:
-        obj["source"] = str(row["source"])
-    return parse_record(obj, kind=kind, base_dir=image_root, where=where)
+def _llamafactory_row(row: Any, where: str, **kw: Any) -> dict[str, Any]:
+    """LLaMA-Factory rows come in its alpaca or its sharegpt format; each row says which."""
+    if isinstance(row, dict) and ("messages" in row or "conversations" in row):
+        return layouts.sharegpt_record(row, where, **kw)
+    return layouts.alpaca_record(row, where, **kw)
 
 
-def iter_sharegpt(path: Path, kind: SplitKind, *, keep_system: bool = False,
-                  image_root: Path | None = None) -> Iterator[Record | RecordError]:
-    """Each conversation of a ShareGPT / LLaMA-Factory JSON or JSONL file as a Record (or its error)."""
-    root = image_root if image_root is not None else path.parent
-    for number, (where, row) in enumerate(_sharegpt_rows(path), start=1):
+def iter_conversations(path: Path, kind: SplitKind, *, layout: str = "sharegpt", keep_system: bool = False,
+                       image_root: Path | None = None) -> Iterator[Record | RecordError]:
+    """Each row of a ShareGPT / LLaMA-Factory JSON or JSONL file as a Record (or its error). Image
+    paths are relative to ``image_root`` (default: the file's folder)."""
+    mapping: Callable[..., dict[str, Any]] = layouts.sharegpt_record if layout == "sharegpt" else _llamafactory_row
+    root = (image_root if image_root is not None else path.parent).absolute()
+    for number, (where, row) in enumerate(_json_rows(path), start=1):
         if isinstance(row, RecordError):
             yield row
             continue
         try:
-            yield _sharegpt_row(row, where, number=number, file=path, kind=kind, keep_system=keep_system,
-                                image_root=root)
+            obj = mapping(row, where, keep_system=keep_system, image_root=root)
+            yield _record(obj, kind=kind, where=where, fallback_id=f"{path.stem}-{number}")
         except RecordError as err:
             yield err
+
+
+def iter_sharegpt(path: Path, kind: SplitKind, *, keep_system: bool = False,
+                  image_root: Path | None = None) -> Iterator[Record | RecordError]:
+    """:func:`iter_conversations` for the ShareGPT layout."""
+    return iter_conversations(path, kind, layout="sharegpt", keep_system=keep_system, image_root=image_root)
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -267,21 +178,23 @@ def import_records(fmt: str, src: str | Path, out: str | Path, kind: SplitKind, 
     ``strict``); otherwise bad rows are counted in ``skips``.
     """
     src, out = Path(src), Path(out)
+    fmt = _ALIASES.get(fmt, fmt)
     skips = skips if skips is not None else SkipCounter()
     if kind not in REQUIRED_BY_KIND:
         raise RecordError(f"unknown kind {kind!r}; use one of {sorted(REQUIRED_BY_KIND)}")
     if not src.is_file():
         raise RecordError(f"{src}: no such input file")
-    if fmt == "verl-parquet":
+    if fmt == "verl":
         if src.suffix != ".parquet":
-            raise RecordError(f"{src}: verl-parquet input must be a .parquet file")
+            raise RecordError(f"{src}: verl input must be a .parquet file")
         rows = iter_verl_parquet(src, kind, keep_system=keep_system)
-    elif fmt == "sharegpt":
+    elif fmt in ("sharegpt", "llamafactory"):
         if src.suffix not in (".json", ".jsonl"):
-            raise RecordError(f"{src}: sharegpt input must be a .json or .jsonl file")
-        rows = iter_sharegpt(src, kind, keep_system=keep_system, image_root=Path(image_root) if image_root else None)
+            raise RecordError(f"{src}: {fmt} input must be a .json or .jsonl file")
+        rows = iter_conversations(src, kind, layout=fmt, keep_system=keep_system,
+                                  image_root=Path(image_root) if image_root else None)
     else:
-        raise RecordError(f"unknown input layout {fmt!r}; use verl-parquet or sharegpt")
+        raise RecordError(f"unknown input layout {fmt!r}; use one of {', '.join(LAYOUTS)}")
     records: list[Record] = []
     seen: set[str] = set()
     for item in rows:
@@ -332,29 +245,42 @@ def save_records(records: list[Record], out: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_prism.data.importers",
-                                     description="Import PRISM's published data layouts as record JSONL.")
-    parser.add_argument("layout", choices=["verl-parquet", "sharegpt"])
+def add_import_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``prism import`` (shared by ``python -m megatron_prism.data.importers``)."""
+    parser.add_argument("layout", choices=[*LAYOUTS, *_ALIASES], metavar="{" + ",".join(LAYOUTS) + "}",
+                        help="the input's layout: sharegpt (conversations/messages), llamafactory (alpaca or "
+                             "sharegpt rows), verl (RL Parquet)")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path, help="output .jsonl (images go to <stem>_images/ beside it)")
-    parser.add_argument("--kind", required=True, choices=sorted(REQUIRED_BY_KIND))
+    parser.add_argument("--kind", required=True, choices=sorted(REQUIRED_BY_KIND),
+                        help="the split the records are for: sft/align need a response, rl/eval an answer")
     parser.add_argument("--strict", action="store_true", help="the first bad row is an error")
     parser.add_argument("--keep-system", action="store_true", help="keep system turns in messages")
-    parser.add_argument("--image-root", type=Path, help="folder ShareGPT image paths are relative to")
-    args = parser.parse_args(argv)
+    parser.add_argument("--image-root", type=Path, help="folder ShareGPT/LLaMA-Factory image paths are relative to "
+                                                        "(default: the input file's folder)")
+    return parser
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """``prism import``: exit 0 with a summary, or 2 with one line on stderr."""
     if args.output.suffix != ".jsonl":
-        print(f"error: {args.output}: the output must be a .jsonl file", file=sys.stderr)
+        print(f"prism: error: {args.output}: the output must be a .jsonl file", file=sys.stderr)
         return 2
     skips = SkipCounter()
     try:
         records = import_records(args.layout, args.input, args.output, args.kind, strict=args.strict,
                                  keep_system=args.keep_system, image_root=args.image_root, skips=skips)
     except RecordError as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
+        print("prism: error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
         return 2
     print(f"imported {len(records)} records to {args.output}; {skips.summary()}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_prism.data.importers",
+                                     description="Import ShareGPT, LLaMA-Factory and verl layouts as record JSONL.")
+    return run_import(add_import_arguments(parser).parse_args(argv))
 
 
 if __name__ == "__main__":

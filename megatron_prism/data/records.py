@@ -1,4 +1,4 @@
-"""The one record format of every stage, and its readers (JSONL, Parquet).
+"""The one record format of every stage, and its readers (JSONL, JSON lists, Parquet).
 
 A record is one multimodal example::
 
@@ -6,13 +6,20 @@ A record is one multimodal example::
      "response": "<caption>...</caption><think>...</think><answer>4</answer>",
      "answer": "4", "source": "geo3k", "meta": {...}}
 
-* ``images``: paths relative to the JSONL file (absolute paths also accepted), or, in Parquet,
-  inline encoded bytes (PNG/JPEG). Resolved paths are stored absolute.
+* ``images``: paths relative to the data file (absolute paths also accepted), or, in Parquet,
+  inline encoded bytes (PNG/JPEG; the HF datasets ``{"bytes", "path"}`` struct). Resolved paths are
+  stored absolute.
 * ``prompt`` (text; ``<image>`` marks where each image goes, in order; without any marker the
   images go before the text, as Qwen-VL chat does) or ``messages`` (chat form: a list of
-  ``{"role": "system"|"user"|"assistant", "content": str}``, ``<image>`` markers inside contents).
+  ``{"role": "system"|"user"|"assistant", "content": ...}``, the content text with ``<image>``
+  markers or OpenAI-style content parts). A trailing assistant turn is the ``response``.
 * ``response``: a demonstration (SFT and alignment splits); ``answer``: the verifiable ground truth
   (RL and evaluation splits); ``source``: dataset of origin; ``meta``: anything else, kept as is.
+* ``id``: optional; a record without one gets a stable id derived from its content.
+
+A ``.json`` file may hold a list of records; a Parquet file in verl's RL layout is mapped as it is
+read. Other layouts (ShareGPT / LLaMA-Factory) are converted once with ``prism import``, which the
+loader's errors name when a row looks like one of them.
 
 Which fields a split needs is given by ``REQUIRED_BY_KIND``. Bad input is either an error
 (``strict=True``: :class:`RecordError` naming the file, the line and the fix) or, in the default
@@ -22,7 +29,6 @@ report prints. Nothing is silently dropped.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -31,6 +37,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from megatron_prism.data import layouts
+from megatron_prism.data.errors import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +52,6 @@ REQUIRED_BY_KIND: dict[str, tuple[str, ...]] = {
     "eval": ("answer",),
 }
 KNOWN_FIELDS = {"id", "images", "prompt", "messages", "response", "answer", "source", "meta"}
-
-
-class RecordError(ValueError):
-    """A record that cannot be used; the message names where it is and what to do."""
 
 
 @dataclass
@@ -133,45 +138,64 @@ def _check_text(value: Any, key: str, where: str) -> str | None:
 
 
 def parse_record(obj: Any, *, kind: SplitKind, base_dir: Path, where: str) -> Record:
-    """Validates one decoded JSON object (or Parquet row) into a :class:`Record`."""
+    """Validates one decoded JSON object (or Parquet row) into a :class:`Record`.
+
+    Common chat layouts are accepted as they are: ``messages`` whose last turn is the assistant's
+    (that turn is the ``response``), content given as OpenAI-style parts (see ``data.layouts``),
+    ``prompt`` given as a message list (verl), and no ``id`` (one is derived from the content)."""
     if not isinstance(obj, dict):
         raise RecordError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - KNOWN_FIELDS
     if unknown:
-        raise RecordError(
-            f"{where}: unknown field(s) {sorted(unknown)}; records have {sorted(KNOWN_FIELDS)} "
-            "(put anything else under 'meta')"
-        )
-    rid = obj.get("id")
-    if not isinstance(rid, (str, int)) or rid == "":
-        raise RecordError(f"{where}: missing 'id' (a non-empty string)")
-    prompt = _check_text(obj.get("prompt"), "prompt", where)
+        layout = layouts.importer_for(set(obj))
+        fix = (f"this looks like a {layout} row: convert the file with `prism import {layout} IN OUT --kind {kind}`"
+               if layout else "put anything else under 'meta', or convert the file with `prism import "
+               "sharegpt|llamafactory|verl IN OUT`")
+        raise RecordError(f"{where}: unknown field(s) {sorted(unknown)}; records have {sorted(KNOWN_FIELDS)}; {fix}")
+    prompt = obj.get("prompt")
     messages = obj.get("messages")
+    if isinstance(prompt, list) and messages is None:  # verl writes the chat turns under 'prompt'
+        prompt, messages = None, prompt
+    prompt = _check_text(prompt, "prompt", where)
     if (prompt is None) == (messages is None):
         raise RecordError(f"{where}: give exactly one of 'prompt' (text) or 'messages' (chat turns)")
+    part_images: list[Any] = []
+    response = obj.get("response")
     if messages is not None:
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise RecordError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} with "
-                              "role system/user/assistant and string content")
+        try:
+            messages = layouts.chat_turns(messages, where, images=part_images)
+        except RecordError as err:
+            raise RecordError(f"{err}; 'messages' is a list of {{'role': system|user|assistant, 'content': text or "
+                              "content parts}") from None
+        if response is None and len(messages) > 1 and messages[-1]["role"] == "assistant":
+            response = messages.pop()["content"]  # the trailing assistant turn is the demonstration
+        if not any(m["role"] == "user" for m in messages):
+            raise RecordError(f"{where}: 'messages' has no user turn to prompt with")
+    rid = obj.get("id")
+    if rid is None:
+        rid = layouts.content_id({k: v for k, v in obj.items() if k != "meta"})
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or rid == "":
+        raise RecordError(f"{where}: 'id' must be a non-empty string (or left out: one is derived from the content)")
     images: list[ImageRef] = []
-    for item in obj.get("images") or []:
+    raw_images = obj.get("images") or []
+    for item in [*([raw_images] if isinstance(raw_images, str) else raw_images), *part_images]:
         if isinstance(item, str):
             path = Path(item)
             images.append(ImageRef(path=path if path.is_absolute() else (base_dir / path)))
         elif isinstance(item, (bytes, bytearray)):
             images.append(ImageRef(data=bytes(item)))
-        elif isinstance(item, dict) and isinstance(item.get("bytes"), (bytes, bytearray)):
+        elif isinstance(item, dict) and isinstance(item.get("bytes"), (bytes, bytearray)) and item["bytes"]:
             images.append(ImageRef(data=bytes(item["bytes"])))  # the HF datasets Image layout
         elif isinstance(item, dict) and isinstance(item.get("base64"), str):
-            images.append(ImageRef(data=base64.b64decode(item["base64"])))
+            images.append(ImageRef(data=layouts.decode_base64(item["base64"], where)))
+        elif isinstance(item, dict) and isinstance(item.get("path"), str) and item["path"]:
+            path = Path(item["path"])  # the HF datasets Image layout without bytes
+            images.append(ImageRef(path=path if path.is_absolute() else (base_dir / path)))
         else:
             raise RecordError(f"{where}: an image must be a path, bytes, or {{'bytes': ...}}; got {type(item).__name__}")
     record = Record(
         id=str(rid), images=images, prompt=prompt, messages=messages,
-        response=_check_text(obj.get("response"), "response", where),
+        response=_check_text(response, "response", where),
         answer=_check_text(obj.get("answer") if not isinstance(obj.get("answer"), (int, float)) else str(obj["answer"]),
                            "answer", where),
         source=_check_text(obj.get("source"), "source", where),
@@ -186,16 +210,16 @@ def parse_record(obj: Any, *, kind: SplitKind, base_dir: Path, where: str) -> Re
         raise RecordError(f"{where}: {markers} {IMAGE_MARKER} markers but {len(images)} images")
     for img in images:
         if img.path is not None and not img.path.is_file():
-            raise RecordError(f"{where}: image {img.path} does not exist (paths are relative to the JSONL file)")
+            raise RecordError(f"{where}: image {img.path} does not exist (relative paths are relative to the data file)")
     return record
 
 
 def _reason(err: RecordError) -> str:
     text = str(err)
-    for reason in ("JSON", "UTF-8", "does not exist", "non-empty", "markers", "unknown field", "id"):
+    for reason in ("JSON", "UTF-8", "does not exist", "non-empty", "markers", "unknown field", "'id' must"):
         if reason in text:
             return {"does not exist": "missing image", "non-empty": "empty field", "markers": "image count",
-                    "unknown field": "unknown field", "id": "missing id"}.get(reason, reason)
+                    "unknown field": "unknown field", "'id' must": "bad id"}.get(reason, reason)
     return "invalid record"
 
 
@@ -226,21 +250,55 @@ def read_jsonl(path: str | Path, kind: SplitKind, *, strict: bool = False,
                 skips.skip(_reason(err), str(err))
 
 
+def read_json(path: str | Path, kind: SplitKind, *, strict: bool = False,
+              skips: SkipCounter | None = None) -> Iterator[Record]:
+    """Records of a ``.json`` file: a JSON list of records (LLaMA-Factory, HF ``to_json``), or
+    JSON Lines under a ``.json`` name."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    if not head.startswith(b"["):
+        yield from read_jsonl(path, kind, strict=strict, skips=skips)
+        return
+    skips = skips if skips is not None else SkipCounter()
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # the whole file is one value: nothing in it can be read, lenient or not
+        raise RecordError(f"{path}: not a readable JSON list of records ({exc}); fix the file or write it as "
+                          "JSON Lines (one record per line)") from None
+    for number, obj in enumerate(items, start=1):
+        try:
+            yield parse_record(obj, kind=kind, base_dir=path.parent, where=f"{path}:item {number}")
+        except RecordError as err:
+            if strict:
+                raise
+            skips.skip(_reason(err), str(err))
+
+
 def read_parquet(path: str | Path, kind: SplitKind, *, strict: bool = False,
                  skips: SkipCounter | None = None) -> Iterator[Record]:
-    """Records of a Parquet file (images as inline bytes or paths), in row order."""
+    """Records of a Parquet file (images as inline bytes or paths), in row order. A file in verl's
+    RL layout (``prompt`` messages, ``reward_model``, ``data_source``, ...) is mapped as it is read
+    (``data.layouts.verl_record``)."""
     import pyarrow.parquet as pq
 
     path = Path(path)
     skips = skips if skips is not None else SkipCounter()
-    table = pq.ParquetFile(path)
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+        raise RecordError(f"{path}: not a readable Parquet file ({exc})") from None
+    verl = "reward_model" in table.schema_arrow.names or "data_source" in table.schema_arrow.names
     row = 0
     for batch in table.iter_batches(batch_size=256):
         for obj in batch.to_pylist():
             row += 1
             where = f"{path}:row {row}"
-            obj = {k: v for k, v in obj.items() if v is not None}
             try:
+                if verl:
+                    obj = layouts.verl_record(obj, where, image_root=path.parent)
+                obj = {k: v for k, v in obj.items() if v is not None}
                 if isinstance(obj.get("meta"), str):
                     try:
                         obj["meta"] = json.loads(obj["meta"])
@@ -255,15 +313,18 @@ def read_parquet(path: str | Path, kind: SplitKind, *, strict: bool = False,
 
 def read_records(path: str | Path, kind: SplitKind, *, strict: bool = False,
                  skips: SkipCounter | None = None) -> Iterator[Record]:
-    """JSONL or Parquet by extension."""
+    """JSONL, JSON (a list of records) or Parquet, by extension."""
     path = Path(path)
     if not path.exists():
         raise RecordError(f"{path}: no such data file")
     if path.suffix == ".parquet":
         return read_parquet(path, kind, strict=strict, skips=skips)
-    if path.suffix in (".jsonl", ".json"):
+    if path.suffix == ".jsonl":
         return read_jsonl(path, kind, strict=strict, skips=skips)
-    raise RecordError(f"{path}: unknown data file type {path.suffix!r}; use .jsonl or .parquet")
+    if path.suffix == ".json":
+        return read_json(path, kind, strict=strict, skips=skips)
+    raise RecordError(f"{path}: unknown data file type {path.suffix!r}; use .jsonl, .json or .parquet (other "
+                      "layouts: `prism import sharegpt|llamafactory|verl IN OUT --kind KIND`)")
 
 
 def write_jsonl(records: list[Record], path: str | Path) -> Path:
