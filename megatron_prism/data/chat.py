@@ -11,7 +11,10 @@ the image's grid is known. ``<image>`` markers in the record's text say where th
 without markers gets its images first, as Qwen-VL's chat template places them.
 
 The same special tokens name the same things in the Qwen tokenizer of a real checkpoint and in
-the small tokenizer the embedded task trains for itself, so one code path serves both.
+the small tokenizer the embedded task trains for itself, so one code path serves both. The rendering
+equals ``tokenizer.apply_chat_template`` with a Qwen-VL chat template (:data:`CHAT_TEMPLATE`, which
+the embedded task's tokenizer ships) on :func:`template_messages` of the record; tests/data checks
+it on multi-turn and image prompts.
 """
 
 from __future__ import annotations
@@ -37,6 +40,25 @@ PRISM_SYSTEM_PROMPT = (
 )
 
 IMAGE_BLOCK = f"{VISION_START}{IMAGE_PAD}{VISION_END}"
+
+#: A Qwen-VL chat template (Jinja, as ``tokenizer_config.json`` carries it): ChatML turns, image
+#: and video content parts as vision blocks, ``<|im_start|>assistant\n`` as the generation prompt.
+#: Written for the embedded task's tokenizer, so that its model directory is as complete as a
+#: released checkpoint's; tool calls are not part of PRISM's data and are left out.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for part in message.content %}"
+    "{%- if part.type == 'image' or 'image' in part or 'image_url' in part %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part.type == 'video' or 'video' in part %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part %}{{- part.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
 def _with_images(text: str, num_images: int, where: str) -> tuple[str, int]:
@@ -69,6 +91,37 @@ def render_prompt(record: Record, system_prompt: str | None = PRISM_SYSTEM_PROMP
     if remaining != 0:
         raise RecordError(f"{where}: {len(record.images)} images but the text places {len(record.images) - remaining}")
     return "".join(parts) + f"{IM_START}assistant\n"
+
+
+def template_messages(record: Record, system_prompt: str | None = PRISM_SYSTEM_PROMPT,
+                      *, with_response: bool = False) -> list[dict]:
+    """The record as the ``messages`` of ``apply_chat_template`` (images as ``{"type": "image"}``
+    parts where :func:`render_prompt` puts them), optionally with the demonstration as the last
+    assistant turn."""
+    turns = list(record.messages) if record.messages is not None else [{"role": "user", "content": record.prompt or ""}]
+    if turns and turns[-1]["role"] == "assistant":
+        turns = turns[:-1]
+    if system_prompt is not None and not any(t["role"] == "system" for t in turns):
+        turns.insert(0, {"role": "system", "content": system_prompt})
+    any_marker = any(IMAGE_MARKER in t["content"] for t in turns)
+    out, first_user = [], True
+    for turn in turns:
+        content: str | list[dict] = turn["content"]
+        if turn["role"] == "user" and (any_marker or (first_user and record.images)):
+            pieces = turn["content"].split(IMAGE_MARKER)
+            parts: list[dict] = [] if any_marker else [{"type": "image"} for _ in record.images]
+            for i, text in enumerate(pieces):
+                if i:
+                    parts.append({"type": "image"})
+                if text:
+                    parts.append({"type": "text", "text": text})
+            content = parts
+        if turn["role"] == "user":
+            first_user = False
+        out.append({"role": turn["role"], "content": content})
+    if with_response:
+        out.append({"role": "assistant", "content": demonstration(record)})
+    return out
 
 
 def demonstration(record: Record) -> str:

@@ -17,7 +17,8 @@ the newline are the base alphabet, so any ASCII text encodes without unknown tok
 Training is deterministic (checked by the tests across processes). Files are written by hand
 (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``, sorted keys) so their
 bytes do not depend on the installed transformers version; ``AutoTokenizer.from_pretrained`` loads
-them as a fast tokenizer with ``eos_token="<|im_end|>"`` and ``pad_token="<|endoftext|>"``.
+them as a fast tokenizer with ``eos_token="<|im_end|>"``, ``pad_token="<|endoftext|>"`` and the
+Qwen-VL chat template ``chat.CHAT_TEMPLATE``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from megatron_prism.data.chat import END_OF_TEXT, IM_END, RESPONSE_TAGS, SPECIAL_TOKENS
+from megatron_prism.data.chat import CHAT_TEMPLATE, END_OF_TEXT, IM_END, RESPONSE_TAGS, SPECIAL_TOKENS
 
 TAG_TOKENS = tuple(t for tag in RESPONSE_TAGS for t in (f"<{tag}>", f"</{tag}>"))
 BASE_ALPHABET = [chr(c) for c in range(32, 127)] + ["\n"]
@@ -78,6 +79,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path) -> Path:
         **special_map,
         "bos_token": None,
         "unk_token": None,
+        "chat_template": CHAT_TEMPLATE,  # as a released Qwen3-VL tokenizer carries one
         "clean_up_tokenization_spaces": False,
         "model_max_length": MODEL_MAX_LENGTH,
         "padding_side": "right",
