@@ -66,15 +66,16 @@ class DataConfig:
     ``data_path`` overrides that). ``null`` generates the embedded synthetic task into
     ``<run.output_dir>/data`` with ``synth_*`` settings. ``lenient`` skips malformed records with a
     counted warning instead of stopping the run. ``min_pixels``/``max_pixels`` bound the resized
-    image (Qwen3-VL's released defaults: 65536 and 16777216).
+    image; ``null`` takes the model directory's ``preprocessor_config.json`` (else Qwen3-VL's released
+    defaults, 65536 and 16777216).
     """
 
     root: str | None = None
     max_seq_len: int = 2048
     seed: int = 1234
     lenient: bool = True
-    min_pixels: int = 65536
-    max_pixels: int = 16777216
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     synth_sizes: str = "sft=2000,align=500,rl=1000,eval=200"
 
 

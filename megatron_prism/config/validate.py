@@ -199,7 +199,8 @@ def _ranges(c: _Check) -> None:
     c.at_least("data.max_seq_len", 1, "the sequence length")
     c.at_least("data.min_pixels", 1, "the smallest image size in pixels")
     c.at_least("data.seed", 0, "a seed")
-    if cfg.data.max_pixels < cfg.data.min_pixels:
+    c.at_least("data.max_pixels", 1, "the largest image size in pixels")
+    if None not in (cfg.data.min_pixels, cfg.data.max_pixels) and cfg.data.max_pixels < cfg.data.min_pixels:
         c.fail("data.max_pixels", f"must be at least data.min_pixels={cfg.data.min_pixels}")
     try:
         synth_sizes(cfg.data.synth_sizes)

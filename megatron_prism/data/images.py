@@ -8,14 +8,19 @@ allows) to sides that are multiples of ``patch * merge`` with a pixel count with
 ``pixel_values [h/p * w/p, 3 * temporal * p * p]`` with patches ordered merge-window by
 merge-window, which is the order the tower's patch merger expects. ``grid_thw = (1, h/p, w/p)``.
 
-Checked against transformers' Qwen2-VL/Qwen3-VL PIL image processor (``tests/data``).
+Checked against transformers' Qwen2-VL/Qwen3-VL PIL image processor (``tests/data``). The settings
+of a model directory come from its ``preprocessor_config.json`` when it has one
+(:func:`settings_for_model`), as transformers' ``AutoImageProcessor`` reads them.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +46,66 @@ class ImageSettings:
         return self.patch_size * self.merge_size
 
 
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def _from_preprocessor(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The fields of an HF Qwen2-VL/Qwen3-VL ``preprocessor_config.json`` that ImageSettings has.
+    Pixel bounds are ``size.shortest_edge``/``size.longest_edge`` (Qwen3-VL) or ``min_pixels``/
+    ``max_pixels`` (Qwen2-VL); both name a pixel count, not an edge length."""
+    out: dict[str, Any] = {}
+    size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
+    for key, value in (("patch_size", raw.get("patch_size")), ("merge_size", raw.get("merge_size")),
+                       ("temporal_patch_size", raw.get("temporal_patch_size")),
+                       ("min_pixels", raw.get("min_pixels", size.get("shortest_edge"))),
+                       ("max_pixels", raw.get("max_pixels", size.get("longest_edge")))):
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RecordError(f"{path}: {key} must be a positive integer, got {value!r}; fix or delete the file")
+        out[key] = value
+    for key in ("image_mean", "image_std"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+            raise RecordError(f"{path}: {key} must be three numbers, got {value!r}")
+        out[key] = tuple(float(v) for v in value)
+    return out
+
+
+def settings_for_model(model_dir: str | Path, *, patch_size: int, merge_size: int, temporal_patch_size: int,
+                       min_pixels: int | None = None, max_pixels: int | None = None) -> ImageSettings:
+    """The image settings of a model directory: its ``preprocessor_config.json`` when present
+    (pixel bounds, patch/merge sizes, mean/std), else Qwen3-VL's defaults; the vision tower's sizes
+    (``config.json``) must agree with the file, and ``min_pixels``/``max_pixels`` given here (the
+    run's ``data.min_pixels``/``data.max_pixels``) override the file's bounds."""
+    path = Path(model_dir) / PREPROCESSOR_CONFIG
+    fields: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RecordError(f"{path}: not valid JSON ({exc}); re-download it or delete it") from None
+        fields = _from_preprocessor(raw if isinstance(raw, dict) else {}, path)
+        tower = {"patch_size": patch_size, "merge_size": merge_size, "temporal_patch_size": temporal_patch_size}
+        clash = {k: (fields[k], v) for k, v in tower.items() if k in fields and fields[k] != v}
+        if clash:
+            what = ", ".join(f"{k} {a} (config.json: {b})" for k, (a, b) in clash.items())
+            raise RecordError(f"{path}: {what} disagrees with the model's vision tower; the two files are from "
+                              "different checkpoints")
+    settings = replace(ImageSettings(), **{**fields, "patch_size": patch_size, "merge_size": merge_size,
+                                           "temporal_patch_size": temporal_patch_size})
+    if min_pixels is not None:
+        settings = replace(settings, min_pixels=min_pixels)
+    if max_pixels is not None:
+        settings = replace(settings, max_pixels=max_pixels)
+    if settings.max_pixels < settings.min_pixels:
+        raise RecordError(f"image pixel bounds {settings.min_pixels} > {settings.max_pixels} (data.min_pixels / "
+                          f"data.max_pixels or {path}); make max_pixels at least min_pixels")
+    return settings
+
+
 def grid_size(height: int, width: int, s: ImageSettings) -> tuple[int, int]:
     """Resized (height, width): multiples of ``patch * merge``, pixel count in range, aspect kept."""
     if min(height, width) <= 0:
@@ -48,8 +113,10 @@ def grid_size(height: int, width: int, s: ImageSettings) -> tuple[int, int]:
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is above 200")
     f = s.factor
-    h = max(f, round(height / f) * f)
-    w = max(f, round(width / f) * f)
+    # A side shorter than half a factor rounds to 0 here, as in transformers' smart_resize (which
+    # rollout engines use): the product is then below min_pixels and the image is scaled up.
+    h = round(height / f) * f
+    w = round(width / f) * f
     if h * w > s.max_pixels:
         shrink = math.sqrt(height * width / s.max_pixels)
         h = max(f, math.floor(height / shrink / f) * f)

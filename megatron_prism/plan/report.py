@@ -19,6 +19,9 @@ from megatron_prism.plan.memory import (Assumptions, Estimate, GiB, HEADROOM_GIB
 from megatron_prism.plan.shapes import PRESETS, ModelShape, PlanError, resolve_policy_shape, shape_from_hf_config, tiny_shape
 
 
+QWEN3VL_MAX_PIXELS = 16777216  # the released preprocessor_config.json's size.longest_edge
+
+
 def discriminator_shape(cfg: PrismConfig) -> ModelShape | None:
     """The discriminator when WARMUP or ALIGN runs: its config.json (a dense Qwen3-VL is upcycled
     to ``discriminator.num_experts``), a preset named by its directory, or the tiny backbone."""
@@ -50,7 +53,7 @@ def workload_from_config(cfg: PrismConfig) -> Workload:
     samples = {name: sequences_per_prompt(cfg, name) for name in stages}
     return Workload(
         dtype=cfg.model.dtype, max_seq_len=cfg.data.max_seq_len, max_new_tokens=cfg.rollout.max_new_tokens,
-        max_pixels=cfg.data.max_pixels, rollout_n=cfg.rollout.n, colocated=cfg.rollout.engine in ("sglang", "vllm"),
+        max_pixels=cfg.data.max_pixels or QWEN3VL_MAX_PIXELS, rollout_n=cfg.rollout.n, colocated=cfg.rollout.engine in ("sglang", "vllm"),
         kl_reference=cfg.algorithm.kl_coef > 0, discriminator=discriminator_shape(cfg),
         disc_top_k=getattr(getattr(cfg, "discriminator", None), "topk", 2), stage_batches=stages,
         stage_samples=samples, mini_batches=cfg.algorithm.mini_batches)

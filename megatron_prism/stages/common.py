@@ -21,7 +21,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_prism.config.schema import DataConfig
 from megatron_prism.data import chat
-from megatron_prism.data.images import ImageSettings
+from megatron_prism.data.images import settings_for_model
 from megatron_prism.data.loader import load_split
 from megatron_prism.data.processing import InputProcessor, load_tokenizer
 from megatron_prism.data.records import Record, RecordError
@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 
 
 def input_processor(model_dir: str | Path, data: DataConfig) -> InputProcessor:
-    """The tokenizer of the model directory and Qwen3-VL image settings from its config."""
+    """The tokenizer of the model directory and its image settings (preprocessor_config.json, the
+    vision tower's sizes, and the run's data.min_pixels / max_pixels when set)."""
     hf = read_hf_config(model_dir)
     vc = hf.vision_config
-    images = ImageSettings(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
-                           temporal_patch_size=vc.temporal_patch_size, min_pixels=data.min_pixels,
-                           max_pixels=data.max_pixels)
+    images = settings_for_model(model_dir, patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+                                temporal_patch_size=vc.temporal_patch_size, min_pixels=data.min_pixels,
+                                max_pixels=data.max_pixels)
     processor = InputProcessor(load_tokenizer(model_dir), images, max_length=data.max_seq_len)
     processor.pad_id = processor.tokenizer.pad_token_id or 0
     return processor

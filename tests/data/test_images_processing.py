@@ -28,7 +28,7 @@ def _hf_processor(s: ImageSettings) -> Qwen2VLImageProcessorPil:
     )
 
 
-@pytest.mark.parametrize("size", [(37, 53), (300, 17), (5, 7), (640, 480), (129, 129), (1000, 31)])
+@pytest.mark.parametrize("size", [(37, 53), (300, 17), (5, 7), (640, 480), (129, 129), (1000, 31), (12, 300)])
 def test_pixel_values_match_transformers(size):
     rng = np.random.default_rng(sum(size))
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -119,3 +119,57 @@ def test_corrupt_and_missing_images_name_the_record(tmp_path):
         proc.prompt(Record(id="x", images=[ImageRef(path=bad)], prompt="what", origin="data.jsonl:7"))
     with pytest.raises(RecordError, match="does not exist"):
         proc.prompt(Record(id="y", images=[ImageRef(path=tmp_path / "gone.png")], prompt="what", origin="d:1"))
+
+
+def _write_preprocessor(folder, **fields):
+    import json
+
+    raw = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
+           "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "do_resize": True, "do_rescale": True,
+           "do_normalize": True, "do_convert_rgb": True, "rescale_factor": 1 / 255,
+           "size": {"shortest_edge": 8 * 32 * 32, "longest_edge": 20 * 32 * 32},
+           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    raw.update(fields)
+    (folder / "preprocessor_config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def test_a_model_directory_preprocessor_config_is_read_as_transformers_reads_it(tmp_path):
+    """Pixel bounds and mean/std from the model's preprocessor_config.json (Qwen3-VL's layout:
+    size.shortest_edge/longest_edge are pixel counts): the same pixels as transformers' own
+    AutoImageProcessor loading that directory."""
+    from transformers import AutoImageProcessor
+
+    from megatron_prism.data.images import settings_for_model
+
+    _write_preprocessor(tmp_path)
+    s = settings_for_model(tmp_path, patch_size=16, merge_size=2, temporal_patch_size=2)
+    assert (s.min_pixels, s.max_pixels) == (8 * 32 * 32, 20 * 32 * 32)
+    assert s.image_mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    hf = AutoImageProcessor.from_pretrained(str(tmp_path), local_files_only=True)
+    rng = np.random.default_rng(3)
+    for size in ((37, 53), (640, 480), (12, 300)):
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        ours, grid = patchify(image, s)
+        ref = hf(images=[image], return_tensors="pt")
+        assert list(grid) == ref["image_grid_thw"][0].tolist()
+        torch.testing.assert_close(ours, ref["pixel_values"].float(), rtol=0, atol=1e-5)
+    # the run's data.min_pixels / max_pixels, when set, override the file's bounds
+    s2 = settings_for_model(tmp_path, patch_size=16, merge_size=2, temporal_patch_size=2, max_pixels=10 * 32 * 32)
+    assert (s2.min_pixels, s2.max_pixels) == (8 * 32 * 32, 10 * 32 * 32)
+    # Qwen2-VL's min_pixels / max_pixels keys; no file at all: the released defaults
+    _write_preprocessor(tmp_path, size=None, min_pixels=4096, max_pixels=8192)
+    assert settings_for_model(tmp_path, patch_size=16, merge_size=2, temporal_patch_size=2).max_pixels == 8192
+    assert settings_for_model(tmp_path / "none", patch_size=14, merge_size=2, temporal_patch_size=2) == \
+        ImageSettings(patch_size=14)
+
+
+def test_a_preprocessor_config_that_disagrees_is_one_clear_error(tmp_path):
+    from megatron_prism.data.images import settings_for_model
+
+    _write_preprocessor(tmp_path, patch_size=14)
+    with pytest.raises(RecordError, match=r"preprocessor_config.json: patch_size 14 \(config.json: 16\) disagrees"):
+        settings_for_model(tmp_path, patch_size=16, merge_size=2, temporal_patch_size=2)
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(RecordError, match="not valid JSON"):
+        settings_for_model(tmp_path, patch_size=16, merge_size=2, temporal_patch_size=2)
