@@ -32,14 +32,15 @@ setup(
         "pillow",
         "pyyaml>=6",
         "tqdm",
-        "rich",
         "tensorboard",
+        "matplotlib",  # the run's curves (report.md, prism plot)
         "tokenizers>=0.20",
         "pyarrow>=14",
         "math-verify[antlr4_13_2]>=0.7",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "scipy"],  # scipy: reference for the t-distribution tail
+        # scipy: reference for the t-distribution tail; wandb: the W&B logger is tested offline
+        "test": ["pytest", "pytest-timeout", "scipy", "wandb"],
         # GPU runs. apex is not listed: where its fused kernels are wanted it is built from source
         # against the installed torch/CUDA (its PyPI name is an unrelated package).
         "gpu": ["transformer-engine[pytorch]", "sglang", "flash-attn"],

@@ -234,11 +234,19 @@ class StageConfig:
 
 @dataclass
 class RunConfig:
-    """Run-wide settings: where everything is written, the global seed, the metrics sink."""
+    """Run-wide settings: where everything is written, the global seed, the metrics sink.
+
+    ``name`` names the run in W&B and TensorBoard (``<output_dir>/tensorboard/<name>``; null: the
+    output directory's name); ``project`` and ``tags`` are W&B's. ``log_every``: off a terminal
+    (a Slurm log) each stage prints one ``[stage] step N/T ...`` line every that many steps."""
 
     output_dir: str = "outputs/run"
     seed: int = 1234
     logger: Logger = "tensorboard"
+    project: str = "megatron_prism"
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_every: int = 10
 
 
 @dataclass

@@ -254,6 +254,9 @@ def _ranges(c: _Check) -> None:
     c.at_least(f"{a}.samples_per_prompt", 2, "the group size (scores are normalised within a prompt's group)")
     c.at_least(f"{a}.disc_steps_per_policy_step", 1, "the discriminator steps per policy step")
     c.at_least("run.seed", 0, "a seed")
+    c.at_least("run.log_every", 1, "the step-line interval")
+    if not cfg.run.project.strip():
+        c.fail("run.project", "must name a W&B project (default megatron_prism)")
     for stage in cfg.stages.values():
         s = f"stages.{stage.name}"
         trains = stage.name in TRAINING_STAGES

@@ -1,0 +1,66 @@
+"""What a ``prism`` process prints, set up once by the CLI: our own lines in full, third-party noise
+once.
+
+A pipeline builds models, optimizers and engines again in every stage, and the libraries under it
+(megatron-core, transformers, torch) repeat the same warning each time: in a Slurm log that is the
+same paragraph five times per rank. So warnings from other packages are shown **once per message**
+(ours keep Python's default, once per place), log records of other packages are deduplicated by
+message, their INFO chatter is raised to WARNING, and library progress bars (transformers'
+"Writing model shards") are off when the output is not a terminal. Light on purpose: it imports
+neither torch nor the libraries it quiets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+OWN_PACKAGE = "megatron_prism"
+THIRD_PARTY_LOGGERS = ("megatron", "torch", "transformers", "triton", "urllib3", "PIL")
+
+
+class OncePerMessage(logging.Filter):
+    """Passes a record of another package only the first time its message text is seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == OWN_PACKAGE or record.name.startswith(OWN_PACKAGE + "."):
+            return True
+        key = (record.name.split(".")[0], record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def configure_console(stream=None) -> None:
+    """Logging format and levels, once-only third-party warnings, no library progress bars off a
+    terminal. Call before the heavy imports (their import-time warnings are filtered too)."""
+    stream = stream if stream is not None else sys.stderr
+    logging.basicConfig(level=logging.INFO, format="[prism] %(levelname)s %(name)s: %(message)s", stream=stream)
+    for name in THIRD_PARTY_LOGGERS:  # their INFO lines drown the run's progress
+        logging.getLogger(name).setLevel(logging.WARNING)
+    once = OncePerMessage()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(once)
+    for category in (UserWarning, FutureWarning, DeprecationWarning, RuntimeWarning):
+        warnings.filterwarnings("once", category=category)
+    warnings.filterwarnings("default", module=OWN_PACKAGE)  # ours: once per place, as Python does
+    # megatron-core announces at import time every optional package it falls back from (Transformer
+    # Engine, Apex); which backend the model really uses is chosen and reported by our own specs.
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"Apex is not installed", category=UserWarning)
+    if not _isatty(stream):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by transformers at import
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
