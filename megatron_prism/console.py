@@ -64,3 +64,13 @@ def _isatty(stream) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+def format_duration(seconds: float) -> str:
+    """``70`` -> ``1m10s``; ``3725`` -> ``1h02m``; ``8`` -> ``8s`` (for ETAs in log lines)."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -23,7 +23,7 @@ from megatron_prism.eval.evaluate import (
     pass_at_k,
     summarize,
 )
-from megatron_prism.eval.loading import BENCHMARKS
+from megatron_prism.eval.loading import BENCHMARKS, BenchmarkSpec, parse_benchmark
 from megatron_prism.eval.mmmu_hallusion import hallusion_accuracies
 from megatron_prism.eval.scoring import RewardScorer, Scorer, accepted_answers, reward_call, scorer_from
 
@@ -34,7 +34,7 @@ def load_benchmark(name: str, path, **kwargs):
 
 
 __all__ = [
-    "BENCHMARKS", "BenchmarkResult", "EvalReport", "Generate", "ItemResult", "RewardScorer", "Scorer",
+    "BENCHMARKS", "BenchmarkResult", "BenchmarkSpec", "parse_benchmark", "EvalReport", "Generate", "ItemResult", "RewardScorer", "Scorer",
     "accepted_answers", "evaluate", "hallusion_accuracies", "load_benchmark", "paired_comparison", "pass_at_k",
     "reward_call", "scorer_from", "summarize",
 ]

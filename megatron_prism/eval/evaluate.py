@@ -22,11 +22,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_prism.console import format_duration
 from megatron_prism.data.records import Record
 from megatron_prism.eval.mmmu_hallusion import hallusion_accuracies
 from megatron_prism.eval.scoring import RewardScorer, Scorer
@@ -132,11 +134,14 @@ def summarize(name: str, records: list[Record], scores: list[list[float]], *,
 
 
 def evaluate(benchmarks: dict[str, list[Record]], generate: Generate, *, k: int = 1, temperature: float = 0.0,
-             seed: int = 0, scorer: Scorer | None = None, correct_at: float = 1.0) -> EvalReport:
+             seed: int = 0, scorer: Scorer | None = None, correct_at: float = 1.0,
+             progress: Callable[[str], None] | None = None) -> EvalReport:
     """Generates k responses per item of every benchmark, scores them, and reports (see module doc).
 
     ``scorer`` defaults to :class:`RewardScorer` (the rewards each record names). The same ``seed``
-    is given to ``generate`` for every benchmark.
+    is given to ``generate`` for every benchmark. ``progress`` (e.g. ``print``) receives one line
+    as each benchmark starts and one as it ends, with its figures and the time left (estimated
+    from the time per sample so far).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -144,15 +149,28 @@ def evaluate(benchmarks: dict[str, list[Record]], generate: Generate, *, k: int 
         raise ValueError("no benchmarks to evaluate")
     scorer = scorer if scorer is not None else RewardScorer()
     results: dict[str, BenchmarkResult] = {}
-    for name, records in benchmarks.items():
+    total = sum(len(r) for r in benchmarks.values())
+    done, started = 0, time.perf_counter()
+    for index, (name, records) in enumerate(benchmarks.items(), start=1):
         if not records:
             raise ValueError(f"benchmark {name!r} has no items")
+        where = f"[eval] {name} ({index}/{len(benchmarks)})"
+        if progress is not None:
+            progress(f"{where}: {len(records)} items x {k} sample{'s' if k > 1 else ''} at temperature {temperature:g}")
+        bench_start = time.perf_counter()
         responses = generate(records, k, temperature, seed)
         if len(responses) != len(records) or any(len(outs) != k for outs in responses):
             raise ValueError(f"generate returned {[len(o) for o in responses][:8]}... responses for {name!r}; "
                              f"expected {len(records)} lists of {k}")
         scores = scorer(records, responses)
         results[name] = summarize(name, records, scores, correct_at=correct_at)
+        done += len(records)
+        if progress is not None:
+            r, now = results[name], time.perf_counter()
+            left = (now - started) / done * (total - done)
+            eta = f"; eta {format_duration(left)} for {total - done} more items" if done < total else ""
+            progress(f"{where}: accuracy {100 * r.mean_accuracy:.2f}% ± {100 * r.std_across_samples:.2f}, "
+                     f"pass@{k} {100 * r.pass_at[k]:.2f}% in {format_duration(now - bench_start)}{eta}")
     return EvalReport(benchmarks=results, average=_average(results, k), k=k, temperature=temperature, seed=seed)
 
 

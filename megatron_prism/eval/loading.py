@@ -20,9 +20,11 @@ cannot be read at all is always an error.
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,56 @@ class RowContext:
                 return ImageRef(path=cand.resolve())
         raise self.error(f"image {value!r} does not exist (looked in {', '.join(str(c.parent) for c in candidates)}; "
                          "pass image_root= the folder the paths are relative to)")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """``--benchmark NAME=PATH[:SPLIT]``: a registered loader, its local files and the split
+    (None: the loader's default, e.g. MathVision's ``testmini``; ``:test`` selects ``test``)."""
+
+    name: str
+    path: Path
+    split: str | None = None
+
+    def arg(self) -> str:
+        return f"{self.name}={self.path}" + (f":{self.split}" if self.split else "")
+
+    def default_split(self) -> str | None:
+        param = inspect.signature(BENCHMARKS.get(self.name)).parameters.get("split")
+        return param.default if param is not None and param.default is not inspect.Parameter.empty else None
+
+    def load(self, *, strict: bool = False, skips: SkipCounter | None = None,
+             image_root: str | Path | None = None) -> list[Record]:
+        kwargs: dict[str, Any] = {"strict": strict, "skips": skips, "image_root": image_root}
+        if self.split is not None:
+            kwargs["split"] = self.split
+        return BENCHMARKS.get(self.name)(self.path, **kwargs)
+
+
+def parse_benchmark(text: str) -> BenchmarkSpec:
+    """``NAME=PATH[:SPLIT]`` checked before anything is built: a registered name (with a "did you
+    mean"), a path that exists, and data files for the split. Raises RecordError (one line)."""
+    from megatron_prism.registry import UnknownNameError
+
+    name, sep, rest = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not rest.strip():
+        raise RecordError(f"--benchmark {text!r}: expected NAME=PATH[:SPLIT], e.g. --benchmark "
+                          "mathvision=/data/MathVision:test")
+    try:
+        BENCHMARKS.get(name)
+    except UnknownNameError as exc:
+        raise RecordError(f"--benchmark {text}: {exc}") from None
+    path, split = rest, None
+    head, colon, tail = rest.rpartition(":")
+    if colon and head and tail and "/" not in tail and not Path(rest).exists():
+        path, split = head, tail
+    spec = BenchmarkSpec(name, Path(path), split)
+    if not spec.path.exists():
+        raise RecordError(f"--benchmark {text}: {spec.path} does not exist; give the local folder (or file) of the "
+                          f"downloaded {name} dataset")
+    find_tables(spec.path, spec.split if spec.split is not None else spec.default_split())
+    return spec
 
 
 def find_tables(path: Path, split: str | None) -> list[Path]:

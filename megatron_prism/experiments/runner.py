@@ -21,10 +21,12 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_prism.config import PrismConfig, load_config
+from megatron_prism.console import format_duration
 from megatron_prism.experiments.arms import ALGORITHMS, Arm
 from megatron_prism.experiments.report import RunRecord, build_report, write_report
 
@@ -131,8 +133,10 @@ def final_checkpoint(run_dir: Path) -> str:
     return ckpts[-1]
 
 
-def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Path, data_root: Path) -> RunRecord:
-    """Runs (or reuses) one arm at one seed; returns where its evaluation report is."""
+def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Path, data_root: Path, *,
+            position: str = "") -> RunRecord:
+    """Runs (or reuses) one arm at one seed; returns where its evaluation report is. ``position``
+    (``"3/6"``) prefixes its progress lines."""
     run_dir = out / arm.name / f"seed{seed}"
     overrides = [*spec.overrides, *arm.overrides, *ALGORITHMS[spec.algorithm],
                  f"run.output_dir={run_dir}", f"run.seed={cfg.run.seed + seed}", f"data.root={data_root}"]
@@ -152,18 +156,24 @@ def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Pa
         run_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(record, indent=1) + "\n")
     result = RunRecord(arm.name, seed, run_dir, run_dir / EVAL_REPORT)
+    head = f"[experiment] {position + ' ' if position else ''}{arm.name} seed {seed}"
     if result.eval_report.is_file():
-        print(f"[experiment] {arm.name} seed {seed}: finished earlier, reused", flush=True)
+        print(f"{head}: finished earlier, reused ({run_dir})", flush=True)
         return result
-    print(f"[experiment] {arm.name} seed {seed}: prism run -> {run_dir}", flush=True)
     cmd = _command(spec)
+    started = time.perf_counter()
+    print(f"{head}: prism run -> {run_dir} (log {run_dir / 'prism_run.log'})", flush=True)
     _launch([*cmd, "run", str(spec.config), *overrides], run_dir / "prism_run.log", f"prism run of {arm.name} seed "
             f"{seed}", spec.timeout)
+    print(f"{head}: prism eval (log {run_dir / 'prism_eval.log'})", flush=True)
     bench = [a for name, path in spec.benchmarks.items() for a in ("--benchmark", f"{name}={path}")]
     _launch([*cmd, "eval", str(spec.config), *overrides, "--checkpoint", final_checkpoint(run_dir),
              "--split", str(data_root / "eval"), "--k", str(spec.k), "--temperature", str(spec.temperature),
              "--out", str(result.eval_report), *bench], run_dir / "prism_eval.log",
             f"prism eval of {arm.name} seed {seed}", spec.timeout)
+    accuracy = json.loads(result.eval_report.read_text()).get("average", {}).get("mean_accuracy")
+    shown = f", mean accuracy {100 * accuracy:.2f}%" if isinstance(accuracy, (int, float)) else ""
+    print(f"{head}: done in {format_duration(time.perf_counter() - started)}{shown}", flush=True)
     return result
 
 
@@ -179,7 +189,9 @@ def run_experiment(spec: ExperimentSpec) -> tuple[Path, Path]:
     from megatron_prism.pipeline import prepare_data
 
     data_root = prepare_data(cfg, out).resolve()
-    runs = [run_one(spec, cfg, arm, seed, out, data_root) for arm in spec.arms for seed in range(spec.seeds)]
+    plan = [(arm, seed) for arm in spec.arms for seed in range(spec.seeds)]
+    runs = [run_one(spec, cfg, arm, seed, out, data_root, position=f"{i}/{len(plan)}")
+            for i, (arm, seed) in enumerate(plan, start=1)]
     meta = {"config": str(spec.config), "algorithm": spec.algorithm, "k": spec.k, "temperature": spec.temperature,
             "overrides": spec.overrides, "data_root": str(data_root),
             "arm_descriptions": {a.name: a.description for a in spec.arms}}

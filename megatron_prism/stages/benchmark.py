@@ -8,6 +8,7 @@ pass@k, per benchmark and averaged; per-item scores are kept in the JSON report.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch.distributed as dist
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from megatron_prism.config.schema import PrismConfig
 from megatron_prism.data.loader import load_split
 from megatron_prism.data.records import Record
-from megatron_prism.eval import load_benchmark
+from megatron_prism.eval import BenchmarkSpec
 from megatron_prism.eval.evaluate import EvalReport, evaluate
 from megatron_prism.eval.scoring import RewardScorer, scorer_from
 from megatron_prism.rewards import get_reward
@@ -24,22 +25,32 @@ from megatron_prism.stages.common import RolloutClient, banned_ids, decode_respo
 from megatron_prism.training.runtime import PolicyRuntime
 
 
-def evaluate_checkpoint(cfg: PrismConfig, checkpoint: str | Path, *, benchmarks: dict[str, str], split: str | None,
-                        k: int, temperature: float, out: Path) -> EvalReport:
+def load_eval_sets(cfg: PrismConfig, benchmarks: Sequence[BenchmarkSpec], split: str | None, *,
+                   image_root: str | Path | None = None) -> dict[str, list[Record]]:
+    """Every benchmark's records and the held-out split, read before anything is built (a bad path
+    or row costs a second, not a model build)."""
+    sets: dict[str, list[Record]] = {}
+    for spec in benchmarks:
+        key = spec.name if spec.split is None else f"{spec.name}:{spec.split}"
+        sets[key] = spec.load(strict=not cfg.data.lenient, image_root=image_root)
+    if split is not None:
+        records, _ = load_split(split, "eval", strict=not cfg.data.lenient)
+        sets["heldout"] = records
+    return sets
+
+
+def evaluate_checkpoint(cfg: PrismConfig, checkpoint: str | Path, *, benchmarks: Sequence[BenchmarkSpec],
+                        split: str | None, k: int, temperature: float, out: Path,
+                        image_root: str | Path | None = None) -> EvalReport:
     from megatron_prism.parallel.state import init_parallel
 
+    sets = load_eval_sets(cfg, benchmarks, split, image_root=image_root)
     p = cfg.parallel
     init_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, seed=cfg.run.seed)
     runtime = PolicyRuntime.build(checkpoint, cfg.model, p, None, total_steps=1, seed=cfg.run.seed, trainable=False)
     processor = input_processor(runtime.source, cfg.data)
     client = RolloutClient(cfg.rollout.engine, runtime.source, Path(cfg.model.hf_dir) if cfg.model.hf_dir else None)
     client.sync(runtime)
-    sets: dict[str, list[Record]] = {}
-    for name, path in benchmarks.items():
-        sets[name] = load_benchmark(name, path, strict=not cfg.data.lenient)
-    if split is not None:
-        records, _ = load_split(split, "eval", strict=not cfg.data.lenient)
-        sets["heldout"] = records
     banned = banned_ids(processor, runtime.hf_config)
 
     def generate(records: list[Record], k: int, temperature: float, seed: int) -> list[list[str]]:
@@ -67,7 +78,9 @@ def evaluate_checkpoint(cfg: PrismConfig, checkpoint: str | Path, *, benchmarks:
                 scores[i] = row
         return scores
 
-    report = evaluate(sets, generate, k=k, temperature=temperature, seed=cfg.run.seed, scorer=scorer)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    report = evaluate(sets, generate, k=k, temperature=temperature, seed=cfg.run.seed, scorer=scorer,
+                      progress=(lambda line: print(line, flush=True)) if rank0 else None)
     client.shutdown()
     if not dist.is_initialized() or dist.get_rank() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)

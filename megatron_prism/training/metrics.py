@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import torch.distributed as dist
 
+from megatron_prism.console import format_duration
+
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -136,16 +138,6 @@ def compact(value: float) -> str:
         return f"{value:.3g}"
     mantissa, exponent = f"{value:.1e}".split("e")
     return f"{mantissa}e{int(exponent)}"
-
-
-def format_duration(seconds: float) -> str:
-    """``70`` -> ``1m10s``; ``3725`` -> ``1h02m``; ``8`` -> ``8s``."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def step_fields(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from megatron_prism.config import config_to_dict, load_config
-from megatron_prism.training.metrics import MetricsLogger, StepProgress, compact, format_duration
+from megatron_prism.console import format_duration
+from megatron_prism.training.metrics import MetricsLogger, StepProgress, compact
 
 ROOT = Path(__file__).resolve().parents[2]
 
