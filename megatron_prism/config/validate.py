@@ -14,9 +14,10 @@ that dies after SFT:
   ranks, every training stage's global batch splits into whole micro-batches on every
   data-parallel rank (:func:`largest_useful_dp` says how far a stage's batch can be spread);
 * **paths** that must exist: model and discriminator directories, ``data.root`` and the split each
-  enabled stage reads, a stage's ``data_path``.
+  enabled stage reads, a stage's ``data_path``; with ``data.lenient: false`` every record those
+  splits hold is parsed up front, so a malformed one stops the run before anything is built.
 
-``check_config`` raises :class:`ConfigError` with one line naming the key, where it was set (the
+``check_config`` raises :class:`ConfigError` (a bad record: ``RecordError``) with one line naming the key, where it was set (the
 file or the override) and the fix; when several rules fail the first is shown with a count of the
 rest. ``prism run|eval|experiment|plan`` call it right after loading. ``prism plan`` asks for the
 rules without paths (it plans before the data is downloaded) and reports the batch rule per stage
@@ -394,11 +395,37 @@ def _paths(c: _Check) -> None:
         c.fail("data.root", "is not a directory; point it at a folder with one sub-folder per split (sft/, align/, rl/,"
                             " eval/; README 'Your data'), or set it to null for the synthetic task")
         return
+    if not m.hf_dir and not m.megatron_dir and not (root / "tokenizer" / "tokenizer.json").is_file():
+        c.fail("data.root", "has no tokenizer/ folder, which the built-in tiny model is built for (it comes with the "
+                            "synthetic task); set model.hf_dir to your model, or data.root to null")
+    for split, reader in _needed_splits(cfg).items():
+        _split_exists(c, "data.root", root / split, reader=reader)
+
+
+def _needed_splits(cfg: PrismConfig) -> dict[str, str]:
+    """``{split under data.root: the stage that reads it}`` (held-out evaluation reads eval/)."""
     needed = {STAGE_SPLITS[s.name]: s.name for s in reversed(cfg.enabled_stages()) if s.data_path is None}
     if any(s.eval_every > 0 for s in cfg.enabled_stages()):
         needed.setdefault("eval", "held-out evaluation")
-    for split, reader in needed.items():
-        _split_exists(c, "data.root", root / split, reader=reader)
+    return needed
+
+
+def read_records_strictly(cfg: PrismConfig) -> None:
+    """With ``data.lenient: false``, every record every enabled stage will read is parsed now, so the
+    first bad one stops the run before anything is built or trained (``RecordError`` naming its
+    file and line). Images are decoded later, where the stage opens its split."""
+    from megatron_prism.data.records import read_records
+
+    kinds = {"sft": "sft", "align": "align", "rl": "rl", "eval": "eval"}
+    paths: list[tuple[Path, str]] = []
+    if cfg.data.root is not None:
+        paths += [(Path(cfg.data.root) / split, kinds[split]) for split in _needed_splits(cfg)]
+    paths += [(Path(s.data_path), kinds[STAGE_SPLITS[s.name]]) for s in cfg.enabled_stages() if s.data_path]
+    for path, kind in paths:
+        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES) if path.is_dir() else [path]
+        for file in files:
+            for _ in read_records(file, kind, strict=True):
+                pass
 
 
 def _split_exists(c: _Check, key: str, path: Path, reader: str | None = None) -> None:
@@ -430,6 +457,8 @@ def check_config(cfg: PrismConfig, *, source: str = "<config>", overrides: Seque
     if problems:
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise ConfigError(problems[0] + more)
+    if paths and not cfg.data.lenient:
+        read_records_strictly(cfg)
 
 
 def find_problems(cfg: PrismConfig, *, source: str = "<config>", overrides: Sequence[str] = (),

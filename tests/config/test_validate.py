@@ -3,6 +3,7 @@ the key, where it was set and the fix (megatron_prism.config.validate)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,8 @@ def test_batch_rule_and_largest_useful_dp_by_hand():
 
 def test_data_root_needs_the_split_of_each_enabled_stage(tmp_path):
     root = tmp_path / "data"
+    (root / "tokenizer").mkdir(parents=True)  # the built-in tiny model is built for the synthetic tokenizer
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
     for split in ("sft", "rl"):
         (root / split).mkdir(parents=True)
         (root / split / "part.jsonl").write_text("{}\n")
@@ -197,3 +200,32 @@ def test_synth_sizes_parser():
                                             ("srun python", None)])
 def test_launcher_world_size(launcher, world):
     assert launcher_world_size(launcher) == world
+
+
+def test_strict_data_is_read_before_anything_runs(tmp_path):
+    """data.lenient=false: the first malformed record of any split a stage will read is the error,
+    named by file and line, before any model exists."""
+    from megatron_prism.data.records import RecordError
+
+    root = tmp_path / "data"
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
+    for split, row in (("sft", {"prompt": "q", "response": "a"}), ("eval", {"prompt": "q", "answer": "1"}),
+                       ("rl", {"prompt": "q", "answer": "1"})):
+        (root / split).mkdir()
+        (root / split / "part.jsonl").write_text(json.dumps(row) + "\n")
+    with open(root / "rl" / "part.jsonl", "a") as fh:
+        fh.write('{"prompt": "q", "answer": \n')
+    base = [f"data.root={root}", "stages.warmup.enabled=false", "stages.align.enabled=false"]
+    cfg = load_config(TINY, base)
+    check_config(cfg)  # lenient: the bad line will be a counted skip
+    with pytest.raises(RecordError, match=rf"^{root / 'rl' / 'part.jsonl'}:2: malformed JSON"):
+        check_config(load_config(TINY, [*base, "data.lenient=false"]))
+
+
+def test_the_tiny_model_needs_the_synthetic_tokenizer(tmp_path):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "a.jsonl").write_text("{}\n")
+    lines = _problems([f"data.root={tmp_path}", "stages.warmup.enabled=false", "stages.align.enabled=false",
+                       "stages.rlvr.enabled=false", "stages.eval.enabled=false", "stages.sft.eval_every=0"])
+    assert len(lines) == 1 and "has no tokenizer/ folder" in lines[0] and "set model.hf_dir" in lines[0]
