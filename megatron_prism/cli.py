@@ -6,23 +6,27 @@
     prism convert megatron-to-hf --megatron-dir D --out O
     prism experiment CONFIG --arms A,B --seeds N [--algorithm grpo|dapo|gspo] [--out DIR] [key=value ...]
     prism plan CONFIG --nodes N --gpus-per-node G [--gpu-mem GIB] [--auto]  layout + memory planner
+    prism import {sharegpt,llamafactory,verl} IN OUT --kind sft|align|rl|eval   convert other layouts
+    prism plot RUN_OR_EXPERIMENT... [--out PNG]       overlay the curves of runs and experiment arms
 
-Errors the user can fix (a bad config key, a bad checkpoint) are printed as one line on stderr
-with exit status 2 (usage/config) or 1 (checkpoint), never as a traceback. Heavy modules (torch,
-the model code) are imported inside the subcommand that needs them, so ``prism run --help`` and
-config errors are instant.
+Validate first: ``run``, ``eval``, ``experiment`` and ``plan`` check the whole config
+(``config.validate``) and their own arguments before anything is built. Errors the user can fix (a
+bad config key or value, a bad record, benchmark or checkpoint, an unknown name) are printed as one
+line on stderr with exit status 2, never as a traceback. Overrides may come before or after the
+options (``parse_intermixed_args``); ``--print-config`` prints the resolved config and exits. Heavy
+modules (torch, the model code) are imported inside the subcommand that needs them, so
+``prism run --help`` and config errors are quick.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 from megatron_prism import __version__
 from megatron_prism.config import STAGE_ORDER, ConfigError, PrismConfig, dump_config, load_config
+from megatron_prism.config.validate import positive_int
 
 def _err(message: str) -> None:
     print(f"prism: error: {message}", file=sys.stderr)
@@ -42,12 +46,34 @@ def run_pipeline(cfg: PrismConfig) -> int:
     return 0
 
 
+def _print_config(cfg: PrismConfig) -> None:
+    """``--print-config``: the resolved config as YAML on stdout (as Hydra's ``--cfg job``)."""
+    import yaml
+
+    from megatron_prism.config import config_to_dict
+
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False), end="")
+
+
+def _checked_config(args: argparse.Namespace, **rules) -> PrismConfig | None:
+    """The command's config, loaded and checked (``config.validate``); with ``--print-config`` it is
+    printed instead and None returned. Raises ConfigError / RecordError (main prints one line)."""
+    from megatron_prism.config.validate import check_config
+
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "print_config", False):
+        _print_config(cfg)
+        return None
+    check_config(cfg, source=args.config, overrides=args.overrides, **rules)
+    return cfg
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        _err(str(exc))
-        return 2
+    from megatron_prism.config.validate import launched_world_size
+
+    cfg = _checked_config(args, world_size=launched_world_size())
+    if cfg is None:
+        return 0
     try:
         resolved = dump_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
     except OSError as exc:
@@ -61,28 +87,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-        benchmarks = dict(item.split("=", 1) for item in args.benchmark)
-    except ConfigError as exc:
-        _err(str(exc))
-        return 2
-    except ValueError:
-        _err("--benchmark takes NAME=PATH, e.g. --benchmark mathvista=/data/MathVista")
-        return 2
-    if not benchmarks and args.split is None:
-        _err("nothing to evaluate: give --split DIR (held-out records) and/or --benchmark NAME=PATH")
-        return 2
-    from megatron_prism.models.errors import CheckpointError
+    from megatron_prism.config.validate import check_eval_inputs
+
+    # the checkpoint is the model here: its layout rules are checked when it is built
+    cfg = _checked_config(args, paths=False, layout=False)
+    if cfg is None:
+        return 0
+    benchmarks = check_eval_inputs(checkpoint=args.checkpoint, split=args.split, benchmarks=args.benchmark,
+                                   image_root=args.image_root)
     from megatron_prism.stages.benchmark import evaluate_checkpoint
 
     out = Path(args.out or Path(cfg.run.output_dir) / "eval_report.json")
-    try:
-        report = evaluate_checkpoint(cfg, args.checkpoint, benchmarks=benchmarks, split=args.split, k=args.k,
-                                     temperature=args.temperature, out=out)
-    except (CheckpointError, FileNotFoundError, KeyError) as exc:
-        _err(str(exc))
-        return 2
+    report = evaluate_checkpoint(cfg, args.checkpoint, benchmarks=benchmarks, split=args.split, k=args.k,
+                                 temperature=args.temperature, out=out, image_root=args.image_root)
     print(report.table())
     print(f"[prism] evaluation report: {out}")
     return 0
@@ -90,19 +107,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
     """Every (arm, seed) as a prism run + k-sample eval, then experiment_report.json/md."""
-    from megatron_prism.experiments import ExperimentError, ExperimentSpec, parse_arms, run_experiment
-    from megatron_prism.registry import UnknownNameError
+    from megatron_prism.config.validate import check_experiment
+    from megatron_prism.eval import parse_benchmark
+    from megatron_prism.experiments import ExperimentError, ExperimentSpec, run_experiment
 
-    if any("=" not in item for item in args.benchmark):
-        _err("--benchmark takes NAME=PATH, e.g. --benchmark mathvista=/data/MathVista")
-        return 2
+    if _checked_config(args, paths=False, layout=False) is None:
+        return 0
+    arms = check_experiment(args.config, args.overrides, args.arms, args.algorithm, args.launcher)
+    benchmarks = {spec.name: spec.arg().split("=", 1)[1] for spec in map(parse_benchmark, args.benchmark)}
     try:
-        spec = ExperimentSpec(config=Path(args.config), arms=parse_arms(args.arms), seeds=args.seeds,
+        spec = ExperimentSpec(config=Path(args.config), arms=arms, seeds=args.seeds,
                               algorithm=args.algorithm, out=Path(args.out) if args.out else None,
                               overrides=args.overrides, k=args.k, temperature=args.temperature,
-                              benchmarks=dict(item.split("=", 1) for item in args.benchmark), launcher=args.launcher)
+                              benchmarks=benchmarks, launcher=args.launcher)
         js, md = run_experiment(spec)
-    except (ConfigError, UnknownNameError, FileNotFoundError, ValueError, ExperimentError) as exc:
+    except (FileNotFoundError, ValueError, ExperimentError) as exc:
         _err(str(exc))
         return 2
     print(md.read_text())
@@ -147,6 +166,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            _print_config(cfg)
+            return 0
         status, text = run_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem, preset=args.preset, auto=args.auto,
                                 asm=Assumptions(peak_tflops=args.peak_tflops, mfu=args.mfu,
                                                 decode_tokens_per_s_per_gpu=args.decode_tokens_per_s),
@@ -158,16 +180,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return status
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed so tests and docs can inspect it)."""
     parser = argparse.ArgumentParser(prog="prism", description="PRISM post-training for Qwen3-VL on megatron-core.")
@@ -177,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline stages described by a config file")
     run.add_argument("config", metavar="CONFIG", help="YAML config file, e.g. examples/configs/tiny.yaml")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-6")
+    run.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (file + overrides) as YAML and exit")
     run.set_defaults(handler=_cmd_run)
 
     ev = sub.add_parser("eval", help="k-sample evaluation of a checkpoint on held-out records and/or benchmarks")
@@ -184,12 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     ev.add_argument("--checkpoint", required=True, help="HF directory or megatron_prism checkpoint to evaluate")
     ev.add_argument("--split", default=None, help="a directory or file of held-out records (e.g. <data>/eval)")
-    ev.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
+    ev.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH[:SPLIT]",
                     help="a benchmark by loader name (mathvista, mathverse, mathvision, wemath, mmmu, mmmu_pro, "
-                         "hallusion_bench) and its local files; repeatable")
-    ev.add_argument("--k", type=_positive_int, default=1, help="samples per item (pass@k up to k)")
+                         "hallusion_bench), its local files and optionally a split (mathvision=DIR:test); repeatable")
+    ev.add_argument("--image-root", default=None, metavar="DIR",
+                    help="folder the benchmarks' relative image paths are under, when not beside their files")
+    ev.add_argument("--k", type=positive_int, default=1, help="samples per item (pass@k up to k)")
     ev.add_argument("--temperature", type=float, default=0.0)
     ev.add_argument("--out", default=None, help="report JSON (default <run.output_dir>/eval_report.json)")
+    ev.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (file + overrides) as YAML and exit")
     ev.set_defaults(handler=_cmd_eval)
 
     ex = sub.add_parser("experiment", help="named arms x seeds, each a prism run + k-sample eval, and a report "
@@ -198,13 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides applied to every arm")
     ex.add_argument("--arms", required=True, help="comma-separated arm names: baseline, prism, align-data-as-sft, "
                                                  "dense-disc, text-only-disc, dedicated-experts")
-    ex.add_argument("--seeds", type=_positive_int, required=True, help="runs per arm (run.seed + 0..N-1)")
+    ex.add_argument("--seeds", type=positive_int, required=True, help="runs per arm (run.seed + 0..N-1)")
     ex.add_argument("--algorithm", choices=("grpo", "dapo", "gspo"), default="grpo", help="the RLVR algorithm")
     ex.add_argument("--out", default=None, help="experiment directory (default <run.output_dir>/experiment)")
-    ex.add_argument("--k", type=_positive_int, default=1, help="evaluation samples per item")
+    ex.add_argument("--k", type=positive_int, default=1, help="evaluation samples per item")
     ex.add_argument("--temperature", type=float, default=0.0, help="evaluation sampling temperature")
-    ex.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH", help="also evaluate a benchmark")
+    ex.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH[:SPLIT]",
+                    help="also evaluate a benchmark")
     ex.add_argument("--launcher", default="", help="command in front of each run, e.g. 'torchrun --nproc-per-node 8'")
+    ex.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (file + overrides) as YAML and exit")
     ex.set_defaults(handler=_cmd_experiment)
 
     convert = sub.add_parser("convert", help="convert checkpoints between HF and megatron layouts")
@@ -212,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     h2m = csub.add_parser("hf-to-megatron", help="HF Qwen3-VL directory -> megatron_prism TP x PP checkpoint")
     h2m.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
     h2m.add_argument("--out", required=True, help="output checkpoint directory")
-    h2m.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size (default 1)")
-    h2m.add_argument("--pp", type=_positive_int, default=1, help="pipeline-parallel size (default 1)")
+    h2m.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size (default 1)")
+    h2m.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size (default 1)")
     h2m.set_defaults(handler=_cmd_hf_to_megatron)
     m2h = csub.add_parser("megatron-to-hf", help="megatron_prism checkpoint -> HF Qwen3-VL directory")
     m2h.add_argument("--megatron-dir", required=True, help="checkpoint written by hf-to-megatron or training")
@@ -222,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="check (or choose) the parallel layout and estimate memory per GPU")
     plan.add_argument("config", metavar="CONFIG", help="the run's YAML config")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-    plan.add_argument("--nodes", type=_positive_int, required=True)
-    plan.add_argument("--gpus-per-node", type=_positive_int, required=True)
+    plan.add_argument("--nodes", type=positive_int, required=True)
+    plan.add_argument("--gpus-per-node", type=positive_int, required=True)
     plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU in GiB (default 80)")
     plan.add_argument("--auto", action="store_true", help="choose the layout instead of checking the config's")
     plan.add_argument("--preset", default=None, help="model shape when model.hf_dir has no config.json yet "
@@ -232,23 +253,61 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--mfu", type=float, default=0.35, help="throughput assumption: model FLOPs utilisation")
     plan.add_argument("--decode-tokens-per-s", type=float, default=1500.0, help="throughput assumption per GPU")
     plan.add_argument("--json", default=None, metavar="FILE", help="also write the estimate as JSON")
+    plan.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (file + overrides) as YAML and exit")
     plan.set_defaults(handler=_cmd_plan)
+
+    from megatron_prism.data.importers import add_import_arguments, run_import
+    from megatron_prism.plots import add_arguments as add_plot_arguments, run_plot
+
+    imp = sub.add_parser("import", help="convert ShareGPT, LLaMA-Factory or verl files into record JSONL")
+    add_import_arguments(imp).set_defaults(handler=run_import)
+    plot = sub.add_parser("plot", help="overlay the curves of runs and experiment arms (mean over seeds, band)")
+    add_plot_arguments(plot).set_defaults(handler=run_plot)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``build_parser().parse_args``, but a command's ``KEY=VALUE`` overrides may come before,
+    between or after its options (``prism plan CFG --nodes 1 parallel.tp=2``), as Hydra, verl and
+    NeMo-RL users write them: the command's own parser reads its words with
+    ``parse_intermixed_args``."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or argv[0] not in commands or not any(a.dest == "overrides" for a in commands[argv[0]]._actions):
+        return parser.parse_args(argv)
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What main() turns into one line on stderr and exit status 2: input the user can fix (a config
+    key or value, a record or benchmark file, a checkpoint, an unknown registered name). Imported
+    only once an exception is being handled, so a quick command stays quick."""
+    from megatron_prism.data.errors import RecordError
+    from megatron_prism.models.errors import CheckpointError
+    from megatron_prism.plan.shapes import PlanError
+    from megatron_prism.plots import PlotError
+    from megatron_prism.registry import UnknownNameError
+
+    return ConfigError, RecordError, CheckpointError, PlanError, PlotError, UnknownNameError
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prism`` console script; returns the process exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[prism] %(levelname)s %(name)s: %(message)s")
-    for noisy in ("megatron", "torch", "transformers"):  # their INFO lines drown the run's progress
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # megatron-core announces at import time every optional package it falls back from (Transformer
-    # Engine, Apex); which backend the model really uses is chosen and reported by our own specs, so
-    # these notices only bury the run's output and the one-line errors below them.
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed", category=UserWarning)
-    warnings.filterwarnings("ignore", message=r"Apex is not installed", category=UserWarning)
+    from megatron_prism.console import configure_console
+
+    configure_console()
+    args = parse_args(argv)
     try:
         return args.handler(args)
+    except Exception as exc:  # noqa: BLE001 - a user error is one line; anything else is a bug: re-raised
+        if not isinstance(exc, user_errors()):
+            raise
+        _err(str(exc))
+        return 2
     finally:
         if args.command in ("run", "eval"):  # the commands that set up process groups
             from megatron_prism.parallel.state import shutdown_parallel

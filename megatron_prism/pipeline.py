@@ -109,7 +109,7 @@ def run(cfg: PrismConfig) -> Path:
         dump_config(cfg, run_dir / "config.yaml")
     data_root = prepare_data(cfg, run_dir)
     source = prepare_model(cfg, run_dir, data_root)
-    metrics = MetricsLogger(run_dir, cfg.run.logger if cfg.run.logger != "none" else "jsonl")
+    metrics = MetricsLogger.for_run(cfg, run_dir)
     results: list[StageResult] = []
     artifacts: dict[str, str] = {}  # named outputs a stage hands to later ones (WARMUP's discriminator)
     started = time.time()
@@ -189,8 +189,25 @@ def write_report(run_dir: Path, cfg: PrismConfig, results: list[StageResult], wa
                      f"| {show(after.get('eval/accuracy'))} | {show(pass_k)} | {show(after.get('eval/format'))} "
                      f"| {speed[0]} | {speed[1]} | {skipped} |")
     lines += discriminator_table(results)
+    lines += curves_section(run_dir)
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def curves_section(run_dir: Path) -> list[str]:
+    """report.md's picture: the run's curves (plots.plot_run), drawn from metrics.jsonl and the
+    report.json just written. A plot that cannot be drawn costs the picture, not the report."""
+    from megatron_prism.plots import plot_run
+
+    try:
+        png = plot_run(run_dir)
+    except Exception as exc:  # noqa: BLE001 - matplotlib or a font; logged, the tables stand
+        log.warning("report.md without curves: %s: %s", type(exc).__name__, exc)
+        return []
+    if png is None:
+        return []
+    return ["", "Curves (`plots/curves.png`; `prism plot` overlays runs, `tensorboard --logdir` has every scalar):",
+            "", f"![curves]({png.relative_to(run_dir)})"]
 
 
 # (stage, before key, after key, prefix): WARMUP judges the fixed policy with the discriminator

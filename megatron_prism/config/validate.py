@@ -36,11 +36,10 @@ from megatron_prism.config.build import _Builder
 from megatron_prism.config.errors import ConfigError
 from megatron_prism.config.loader import parse_override
 from megatron_prism.config.schema import PrismConfig, StageConfig
+from megatron_prism.data.records import DATA_SUFFIXES
 
 #: The data split each stage reads from ``data.root`` (a stage's ``data_path`` replaces it).
 STAGE_SPLITS: dict[str, str] = {"sft": "sft", "warmup": "align", "align": "align", "rlvr": "rl", "eval": "eval"}
-#: Record files a split directory may hold.
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 #: Stages that train and therefore step through global batches.
 TRAINING_STAGES = ("sft", "warmup", "align", "rlvr")
 
@@ -484,6 +483,20 @@ def find_problems(cfg: PrismConfig, *, source: str = "<config>", overrides: Sequ
     return out
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type for a size (``--tp``, ``--k``): a whole number of at least 1, else argparse's
+    own one-line usage error (exit 2) naming the option."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def launched_world_size(environ: dict[str, str] | None = None) -> int:
     """The number of ranks of this launch (torchrun's WORLD_SIZE; a plain process is one rank)."""
     env = os.environ if environ is None else environ
@@ -515,3 +528,53 @@ def launcher_world_size(launcher: str) -> int | None:
         return None
     return per_node * nodes
 
+
+
+# ------------------------------------------------------------------- the commands' other inputs
+
+def check_model_dir(path: str | Path, flag: str) -> None:
+    """A checkpoint argument: a Hugging Face directory (config.json) or a megatron_prism checkpoint
+    (prism_checkpoint.json). ConfigError naming ``flag``."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"{flag} {p}: no such directory; give a Hugging Face model directory or a checkpoint "
+                          "(<run>/<stage>/checkpoints/step_N)")
+    if not any((p / name).is_file() for name in ("config.json", "prism_checkpoint.json", "hf/config.json")):
+        raise ConfigError(f"{flag} {p}: neither a Hugging Face model directory (config.json) nor a megatron_prism "
+                          "checkpoint (prism_checkpoint.json)")
+
+
+def check_eval_inputs(*, checkpoint: str | Path, split: str | None, benchmarks: Sequence[str],
+                      image_root: str | None = None) -> list:
+    """``prism eval``'s own arguments, checked before the model is built; returns the parsed
+    ``--benchmark`` specs (eval.BenchmarkSpec)."""
+    from megatron_prism.eval import parse_benchmark
+
+    if not benchmarks and split is None:
+        raise ConfigError("nothing to evaluate: give --split DIR (held-out records) and/or --benchmark "
+                          "NAME=PATH[:SPLIT]")
+    check_model_dir(checkpoint, "--checkpoint")
+    if split is not None and not (Path(split).is_file() or (Path(split).is_dir() and any(
+            p.suffix in DATA_SUFFIXES for p in Path(split).iterdir()))):
+        raise ConfigError(f"--split {split}: no {'/'.join(DATA_SUFFIXES)} record files there")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise ConfigError(f"--image-root {image_root}: no such directory")
+    return [parse_benchmark(text) for text in benchmarks]
+
+
+def check_experiment(config: str | Path, overrides: Sequence[str], arm_names: str, algorithm: str,
+                     launcher: str) -> list:
+    """Every arm's resolved config (the user's overrides, the arm's, the algorithm's) checked with
+    the ranks the launcher starts; returns the arms (experiments.Arm)."""
+    from megatron_prism.config.loader import load_config
+    from megatron_prism.experiments.arms import ALGORITHMS, parse_arms
+
+    arms = parse_arms(arm_names)
+    world = launcher_world_size(launcher)
+    for arm in arms:
+        cfg = load_config(config, [*overrides, *arm.overrides, *ALGORITHMS[algorithm]])
+        try:
+            check_config(cfg, source=str(config), overrides=overrides, world_size=world)
+        except ConfigError as exc:
+            raise ConfigError(f"arm {arm.name}: {exc}") from None
+    return arms

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from megatron_prism.data.records import Record, SkipCounter, SplitKind, read_records
+from megatron_prism.data.records import DATA_SUFFIXES, Record, SkipCounter, SplitKind, read_records
 
 T = TypeVar("T")
 
@@ -97,11 +97,11 @@ class ShardedLoader(Generic[T]):
 
 
 def load_split(path: str | Path, kind: SplitKind, *, strict: bool = False) -> tuple[list[Record], SkipCounter]:
-    """All records of a data file (or of every .jsonl/.parquet file of a directory, sorted)."""
+    """All records of a data file (or of every .jsonl/.json/.parquet file of a directory, sorted)."""
     path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet")) if path.is_dir() else [path]
+    files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES) if path.is_dir() else [path]
     if not files:
-        raise FileNotFoundError(f"no .jsonl or .parquet data files in {path}")
+        raise FileNotFoundError(f"no {'/'.join(DATA_SUFFIXES)} data files in {path}")
     skips = SkipCounter()
     records = [r for f in files for r in read_records(f, kind, strict=strict, skips=skips)]
     return records, skips

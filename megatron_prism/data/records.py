@@ -51,6 +51,7 @@ REQUIRED_BY_KIND: dict[str, tuple[str, ...]] = {
     "rl": ("answer",),
     "eval": ("answer",),
 }
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # what a split folder's record files end with
 KNOWN_FIELDS = {"id", "images", "prompt", "messages", "response", "answer", "source", "meta"}
 
 

@@ -92,7 +92,7 @@ def run_align(ctx: StageContext) -> StageResult:
         state.extra["game_before"], _ = heldout_eval(ctx, disc, processor, client, hf, heldout, label="before",
                                                      prefix="game/")
 
-    bar = progress(steps, state.step, "align")
+    bar = progress(steps, state.step, "align", every=cfg.run.log_every)
     last: dict[str, float] = {}
     n = game.samples_per_prompt
     while state.step < steps:
@@ -131,9 +131,7 @@ def run_align(ctx: StageContext) -> StageResult:
                 **update_metrics(cfg, metrics_sum, result), "sync/seconds": client.last_sync.get("seconds", 0.0),
                 **timer.scalars(int(tokens))}
         ctx.metrics.log("align", state.step, last)
-        bar.update(1)
-        bar.set_postfix(acc=f"{scored.get('disc/caption/acc', float('nan')):.2f}",
-                        invalid=f"{scored['disc/invalid_rate']:.2f}")
+        bar.step(last)
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("align", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
         saved = state.step % ctx.stage.save_every == 0 or state.step == steps

@@ -94,7 +94,7 @@ def run_rlvr(ctx: StageContext) -> StageResult:
     before = state.extra.get("eval_before")
     if before is None and ctx.stage.eval_every > 0:
         before = state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
-    bar = progress(steps, state.step, "rlvr")
+    bar = progress(steps, state.step, "rlvr", every=cfg.run.log_every)
     last: dict[str, float] = {}
     while state.step < steps:
         timer = Throughput()
@@ -123,8 +123,7 @@ def run_rlvr(ctx: StageContext) -> StageResult:
             "sync/seconds": client.last_sync.get("seconds", 0.0), **timer.scalars(int(tokens)),
         }
         ctx.metrics.log("rlvr", state.step, last)
-        bar.update(1)
-        bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['reward/accuracy']:.2f}")
+        bar.step(last)
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("rlvr", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
         checkpoint_or_stop(ctx, state, steps)

@@ -67,7 +67,7 @@ def run_sft(ctx: StageContext) -> StageResult:
         metrics_at_start = run_evaluation(ctx, runtime, processor, label="before")
         state.extra["eval_before"] = metrics_at_start
 
-    bar = progress(steps, state.step, f"sft")
+    bar = progress(steps, state.step, "sft", every=cfg.run.log_every)
     last: dict[str, float] = {}
     while state.step < steps:
         timer = Throughput()
@@ -101,8 +101,7 @@ def run_sft(ctx: StageContext) -> StageResult:
                 "grad_norm": result.grad_norm, "lr": result.lr, "rows": len(rows),
                 "skipped_records": skips.total, **timer.scalars(int(counts.tokens))}
         ctx.metrics.log("sft", state.step, last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.3f}")
+        bar.step(last)
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("sft", state.step, run_evaluation(ctx, runtime, processor, label="during"))
         checkpoint_or_stop(ctx, state, steps)

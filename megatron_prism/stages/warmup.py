@@ -71,7 +71,7 @@ def run_warmup(ctx: StageContext) -> StageResult:
     def checkpoint():
         return disc.save(ctx.checkpoint_root, step, {"stage": "warmup", "loader": loader.state_dict(), "extra": extra})
 
-    bar = progress(steps, step, "warmup")
+    bar = progress(steps, step, "warmup", every=cfg.run.log_every)
     last: dict[str, float] = {}
     while step < steps:
         timer = Throughput()
@@ -91,8 +91,7 @@ def run_warmup(ctx: StageContext) -> StageResult:
                 "response/invalid_rate": sum(not disc.finder.find(r.response_ids).valid for r in results) / max(len(results), 1),
                 **disc.load_balance(), **timer.scalars(tokens)}
         ctx.metrics.log("warmup", step, last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last.get('disc/train_loss', float('nan')):.3f}")
+        bar.step(last)
         saved = step % ctx.stage.save_every == 0 or step == steps
         if saved:
             checkpoint()

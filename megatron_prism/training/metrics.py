@@ -121,9 +121,10 @@ def _as_markdown_yaml(config: Mapping[str, Any]) -> str:
 #: (metric key, label) in the order a step line shows them, when the step has them.
 SHOWN: tuple[tuple[str, str], ...] = (
     ("loss", "loss"), ("reward/mean", "reward"), ("reward/accuracy", "acc"), ("disc/train_loss", "disc_loss"),
-    ("disc/caption/acc", "cap_acc"), ("disc/reasoning/acc", "rsn_acc"), ("game/objective", "objective"),
-    ("kl", "kl"), ("entropy", "entropy"), ("response/length_mean", "len"), ("grad_norm", "grad"), ("lr", "lr"),
-    ("throughput/tokens_per_s", "tok/s"),
+    ("disc/train_caption_acc", "cap_acc"), ("disc/train_reasoning_acc", "rsn_acc"),
+    ("disc/caption/acc", "cap_acc"), ("disc/reasoning/acc", "rsn_acc"), ("disc/objective", "objective"),
+    ("disc/invalid_rate", "invalid"), ("kl", "kl"), ("entropy", "entropy"), ("response/length", "len"),
+    ("grad_norm", "grad"), ("lr", "lr"), ("throughput/tokens_per_s", "tok/s"),
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_prism.config.validate import positive_int
 from megatron_prism.models.errors import CheckpointError
 
 
@@ -22,8 +23,8 @@ def hf_to_megatron_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Convert a Hugging Face Qwen3-VL directory to a megatron_prism checkpoint.")
     parser.add_argument("--hf-dir", required=True, help="HF directory with config.json and safetensors")
     parser.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel size")
     args = parser.parse_args(argv)
     from megatron_prism.models.conversion.convert import convert_hf_to_megatron
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_prism.config.validate import positive_int
 from megatron_prism.models.discriminator.spec import MODES, DiscriminatorSpec
 from megatron_prism.models.errors import CheckpointError
 
@@ -15,8 +16,8 @@ def upcycle_main(argv: list[str] | None = None) -> int:
                     "discriminator checkpoint: MoE experts copied from the dense MLPs, a router and a score head.")
     parser.add_argument("--hf-dir", required=True, help="the backbone: HF Qwen3-VL directory or policy checkpoint")
     parser.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    parser.add_argument("--experts", type=int, default=4, help="experts per layer (PRISM: 4)")
-    parser.add_argument("--topk", type=int, default=2, help="experts per token (PRISM: 2)")
+    parser.add_argument("--experts", type=positive_int, default=4, help="experts per layer (PRISM: 4)")
+    parser.add_argument("--topk", type=positive_int, default=2, help="experts per token (PRISM: 2)")
     parser.add_argument("--mode", choices=MODES, default="routed")
     parser.add_argument("--perception-experts", type=int, default=None,
                         help="dedicated mode: experts serving caption tokens (default experts // 2)")

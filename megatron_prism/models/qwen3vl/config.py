@@ -40,7 +40,8 @@ def read_hf_config(hf_dir: str | Path):
 
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{path}: no config.json; point --hf-dir at a Hugging Face Qwen3-VL directory")
+        raise CheckpointError(f"{path}: no config.json, so {Path(hf_dir)} is not a Hugging Face Qwen3-VL directory; "
+                              "point the setting that named it (model.hf_dir, --checkpoint, --hf-dir) at one")
     try:
         raw: dict[str, Any] = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
