@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,10 @@ def test_run_writes_resolved_config_walks_stages_and_reports(tmp_path):
     assert [s["steps"] for s in report["stages"][:2]] == [2, 1]
     md = (out_dir / "report.md").read_text()
     assert all(f"| {name} |" in md for name in ("sft", "rlvr", "eval"))
+    # the curves embedded in the report; one greppable line per stage in a log (stderr is not a terminal)
+    assert "![curves](plots/curves.png)" in md and (out_dir / "plots" / "curves.png").is_file()
+    assert re.search(r"^\[sft\] step 1/2 loss \S+ grad \S+ lr \S+ tok/s \d+ eta \d+s$", proc.stderr, re.M), proc.stderr
+    assert re.search(r"^\[rlvr\] step 1/1 loss \S+ reward \S+ acc \S+ .* done in \d+s$", proc.stderr, re.M)
     for name in ("sft", "rlvr"):
         assert (out_dir / name / "result.json").is_file()
     steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
