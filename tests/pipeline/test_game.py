@@ -77,7 +77,7 @@ def test_warmup_and_align_on_two_ranks(warm, tmp_path, layout):
               f"stages.warmup.data_path={root / 'sft'}", f"stages.align.data_path={root / 'sft'}",
               "stages.warmup.steps=2", "stages.warmup.global_batch_size=4", "stages.align.steps=2",
               "stages.align.global_batch_size=2", "align.samples_per_prompt=2", "stages.align.eval_every=0",
-              "rollout.max_new_tokens=32", layout, "parallel.micro_batch_size=4", nproc=2, timeout=400)
+              "rollout.max_new_tokens=32", layout, "parallel.micro_batch_size=2", nproc=2, timeout=400)
     m = _result(run_dir, "align")
     assert m["final"] and math.isfinite(m["final"]["disc/grad_norm"]) and math.isfinite(m["final"]["grad_norm"])
     assert _result(run_dir, "warmup")["heldout_after"]

@@ -19,7 +19,7 @@ GAME2 = ["stages.sft.enabled=false", "stages.rlvr.enabled=false", "stages.eval.e
          "stages.warmup.save_every=1", "stages.align.enabled=true", "stages.align.steps=3",
          "stages.align.global_batch_size=1", "align.samples_per_prompt=4", "stages.align.save_every=1",
          "stages.align.eval_every=0", "rollout.max_new_tokens=32", "optim.warmup_steps=0",
-         "parallel.micro_batch_size=4"]
+         "parallel.micro_batch_size=2"]  # whole micro-batches: WARMUP's 2 pairs, ALIGN's 1 x 4 samples
 
 
 def _latest(root: Path) -> Path:
