@@ -25,7 +25,7 @@ setup(
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16,<0.20",
-        "transformers>=5.0",
+        "transformers>=5.0,<5.25",  # 5.25 requires HF `kernels`, whose import name our kernels/ shadows
         "triton>=3.0",
         "safetensors>=0.4",
         "numpy",
