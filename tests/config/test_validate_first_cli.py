@@ -142,7 +142,7 @@ def test_the_real_command_prints_one_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         f"prism: error: key 'algorithm.loss' in override 'algorithm.loss=ppoo' (config {TINY}) is 'ppoo': unknown "
-        "policy loss 'ppoo'; did you mean 'ppo'? (registered: dapo, grpo, gspo, ppo, vanilla)"]
+        "policy loss 'ppoo'; did you mean 'ppo'? (registered: dapo, grpo, gspo, ppo, unclipped, vanilla)"]
     assert not out.exists()
 
 
