@@ -60,11 +60,12 @@ class Decoder:
         rope = tc.rope_parameters
         self.rope = InterleavedMRoPE(self.head_dim, rope["rope_theta"], rope["mrope_section"]).to(device)
         self.inv_freq = self.rope.inv_freq
-        # decode attention: written out on CPU (cheaper than SDPA's kernel for one query row),
-        # SDPA's fused kernels on GPU
-        self.manual_decode_attention = torch.device(device).type == "cpu"
+        # float32 on CPU: decode steps in the fewest kernels (_decode_cpu); elsewhere SDPA's fused kernels
+        self.cpu_decode = torch.device(device).type == "cpu" and weights.embed.dtype == torch.float32
         # transposed views for addmm (views stay valid across weight release/resume and updates)
         self.transposed = [(lw.o.t(), lw.down.t()) for lw in weights.layers]
+        self._eps_t: Tensor | None = None  # eps as a 0-d tensor, the addcmul input of _rms_scale
+        self._cpu_tables = None  # the CPU decode path's matrices, from begin_generate to end_generate
 
     # --- rotary tables --------------------------------------------------------------------------
     def prefill_rotary(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -117,6 +118,8 @@ class Decoder:
         eye = torch.eye(p, dtype=torch.bool, device=x.device)
         # pads attend only to themselves (finite garbage, never read); real tokens skip the pads
         mask = (causal & (pad_mask[:, None, :] | eye))[:, None]
+        if self._cpu_tables is not None:
+            return self._prefill_cpu(x, cos, sin, mask, cache, n, visual_index, deepstack)
         for i, lw in enumerate(self.w.layers):
             q, k, v = self._qkv(lw, x, cos, sin)
             kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, P, D]
@@ -145,6 +148,8 @@ class Decoder:
         q grouped per KV head (``[R, K, G, D]``, softmax in float32), which costs less than SDPA's
         kernel for a single query row; on GPU it is SDPA.
         """
+        if self.cpu_decode:
+            return self._decode_cpu(tokens, cos, sin, slot, bias, kv)
         r = tokens.shape[0]
         hq, hk, d, eps = self.heads, self.kv_heads, self.head_dim, self.eps
         x = F.embedding(tokens, self.w.embed)  # [R, h]
@@ -155,14 +160,118 @@ class Decoder:
             kc[:, :, slot] = qk[:, hq:]
             vc[:, :, slot] = qkv[:, hq + hk:]
             keys, values = kc[:, :, : slot + 1], vc[:, :, : slot + 1]
-            if self.manual_decode_attention:
-                scores = torch.matmul(qk[:, :hq].view(r, hk, hq // hk, d), keys.transpose(-1, -2))
-                probs = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1, dtype=torch.float32)
-                attn = torch.matmul(probs.to(values.dtype), values).view(r, hq * d)
-            else:
-                attn = F.scaled_dot_product_attention(qk[:, :hq].unsqueeze(2), keys, values, attn_mask=bias,
-                                                      scale=self.scale, enable_gqa=True).view(r, hq * d)
+            attn = F.scaled_dot_product_attention(qk[:, :hq].unsqueeze(2), keys, values, attn_mask=bias,
+                                                  scale=self.scale, enable_gqa=True).view(r, hq * d)
             x = torch.addmm(x, attn, o_t)
             gate, up = F.linear(rms_norm(x, lw.ln2, eps), lw.gate_up).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate).mul_(up), down_t)
         return self.logits(x)
+
+    # --- CPU decode -----------------------------------------------------------------------------
+    def _rms_scale(self, x: Tensor) -> Tensor:
+        """``1 / sqrt(mean(x^2) + eps)`` over the last dim, keepdim: three kernels (a norm, one
+        ``addcmul`` for the mean and eps, an in-place rsqrt) where ``F.rms_norm``'s CPU path runs
+        about nine (dtype copies, pow, sum, div, add, rsqrt, two muls)."""
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return torch.addcmul(self._eps_t, n, n, value=1.0 / x.shape[-1]).rsqrt_()
+
+    def begin_generate(self) -> None:
+        """Build the CPU decode path's matrices from the current weights (they do not change during
+        a ``generate``; :meth:`end_generate` frees them). Per layer, transposed for ``mm``:
+
+        - ``[q; k; v; roll(q); roll(k)] * ln1``: the input norm's weight folded into the columns, and
+          q/k's rows also rolled by half a head, so the matmul yields the rotary's ``rotate_half``
+          operand as well (``roll`` is linear, so ``roll(x @ W^T) = x @ roll_rows(W)^T``);
+        - ``[gate; up] * ln2``;
+        - the stacked per-head q/k norm weights and their half-rolled copy, folded into each step's
+          rotary tables (``rotate(n * w) = n * (w * cos) + roll(n) * (roll(w) * sin)``).
+        """
+        if not self.cpu_decode:
+            return
+        hq, hk, d = self.heads, self.kv_heads, self.head_dim
+        qk_rows = (hq + hk) * d
+        mats = []
+        with torch.no_grad():
+            for lw in self.w.layers:
+                qk = lw.qkv[:qk_rows]
+                rolled = qk.view(hq + hk, d, -1).roll(d // 2, 1).reshape(qk_rows, -1)
+                qkv = torch.cat((lw.qkv, rolled)).mul_(lw.ln1)
+                mats.append((qkv.t(), lw.o.t(), (lw.gate_up * lw.ln2).t(), lw.down.t()))
+            w = torch.stack([lw.qk_norm for lw in self.w.layers])[:, None]  # [L, 1, H + K, D]
+            self._cpu_tables = mats, w, w.roll(d // 2, -1), self.w.lm_head.t()
+            if self._eps_t is None or self._eps_t.device != w.device:
+                self._eps_t = torch.tensor(self.eps, dtype=torch.float32, device=w.device)
+
+    def end_generate(self) -> None:
+        """Free what :meth:`begin_generate` built (the engine's memory is its weights and cache)."""
+        self._cpu_tables = None
+
+    def _prefill_cpu(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Tensor, n: int,
+                     visual_index: tuple[Tensor, Tensor] | None, deepstack: list[Tensor] | None) -> Tensor:
+        """:meth:`prefill` on :meth:`begin_generate`'s matrices (as :meth:`_decode_cpu`); hidden
+        states flattened to ``[B * P, h]`` rows so the residual adds fuse into ``addmm``."""
+        mats, w, w_rolled, lm_head_t = self._cpu_tables
+        b, p, h = x.shape
+        hq, hk, d = self.heads, self.kv_heads, self.head_dim
+        qk_heads, g = hq + hk, hq // hk
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))[:, :, None]
+        cos_w = (cos[None] * w[:, :, None]).unbind(0)  # per layer [B, P, H + K, D]
+        sin_w = (sin[None] * w_rolled[:, :, None]).unbind(0)
+        x = x.reshape(b * p, h)
+        for i, ((qkv_t, o_t, gate_up_t, down_t), cw, sw) in enumerate(zip(mats, cos_w, sin_w)):
+            out = torch.mm(x, qkv_t).mul_(self._rms_scale(x)).view(b, p, 2 * qk_heads + hk, d)
+            qk = out[:, :, :qk_heads]
+            qk = torch.addcmul(qk * cw, out[:, :, qk_heads + hk:], sw).mul_(self._rms_scale(qk))
+            kt = qk[:, :, hq:].transpose(1, 2)  # [B, K, P, D]
+            vt = out[:, :, qk_heads: qk_heads + hk].transpose(1, 2)
+            cache[i, 0, : b * n, :, :p] = kt.repeat_interleave(n, dim=0) if n > 1 else kt
+            cache[i, 1, : b * n, :, :p] = vt.repeat_interleave(n, dim=0) if n > 1 else vt
+            # attention written out, q grouped per KV head ([B, K, G * P, D] rows), cheaper than SDPA
+            # with a mask at these sizes
+            q = qk[:, :, :hq].transpose(1, 2).reshape(b, hk, g * p, d)
+            scores = torch.matmul(q, kt.transpose(-1, -2)).view(b, hk, g, p, p)
+            probs = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1).view(b, hk, g * p, p)
+            attn = torch.matmul(probs, vt).view(b, hq, p, d)
+            x = torch.addmm(x, attn.transpose(1, 2).reshape(b * p, hq * d), o_t)
+            gate, up = torch.mm(x, gate_up_t).mul_(self._rms_scale(x)).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate).mul_(up), down_t)
+            if deepstack is not None and i < len(deepstack):
+                x = x.view(b, p, h).index_put(visual_index, deepstack[i].to(x.dtype), accumulate=True).view(b * p, h)
+        last = x.view(b, p, h)[:, -1]
+        return torch.mm(last * self.w.norm, lm_head_t).mul_(self._rms_scale(last))
+
+    def _decode_cpu(self, tokens: Tensor, cos: Tensor, sin: Tensor, slot: int, bias: Tensor,
+                    kv: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """:meth:`decode` on CPU in float32, where a step of a small model is bound by the number
+        of kernels, not by FLOPs (profiled: ``F.rms_norm`` alone was a quarter of the engine's
+        time). The same maths in fewer kernels, on :meth:`begin_generate`'s matrices: an RMSNorm's
+        row scale commutes with the matmul after it (``(x * s * w) @ W^T = s * (x @ (W * w)^T)``),
+        so it is applied to the matmul's output, and a per-head scale likewise after the rotary.
+        Rounding differs from HF's order at the float32 ulp level (greedy tokens equal to
+        ``generate``: tests/rollout/test_embedded_engine.py).
+        """
+        if self._cpu_tables is None:
+            raise RuntimeError("Decoder.begin_generate() must precede CPU decode steps")
+        mats, w, w_rolled, lm_head_t = self._cpu_tables
+        r = tokens.shape[0]
+        hq, hk, d = self.heads, self.kv_heads, self.head_dim
+        g, s, qk_heads = hq // hk, slot + 1, hq + hk
+        cos_w = (cos[None] * w).unbind(0)  # per layer [R, H + K, D]
+        sin_w = (sin[None] * w_rolled).unbind(0)
+        x = F.embedding(tokens, self.w.embed)  # [R, h]
+        bias = bias.view(r, 1, 1, s)
+        # narrow/select rather than [] indexing: at this size Python's slice parsing is a visible cost
+        for (qkv_t, o_t, gate_up_t, down_t), (kc, vc), cw, sw in zip(mats, kv, cos_w, sin_w):
+            out = torch.mm(x, qkv_t).mul_(self._rms_scale(x)).view(r, 2 * qk_heads + hk, d)
+            qk = out.narrow(1, 0, qk_heads)
+            qk = torch.addcmul(qk * cw, out.narrow(1, qk_heads + hk, qk_heads), sw).mul_(self._rms_scale(qk))
+            kc.select(2, slot).copy_(qk.narrow(1, hq, hk))
+            vc.select(2, slot).copy_(out.narrow(1, qk_heads, hk))
+            # [R * K, S, D] views of the cache (a slice along S keeps R and K mergeable)
+            keys, values = kc.narrow(2, 0, s).reshape(r * hk, s, d), vc.narrow(2, 0, s).reshape(r * hk, s, d)
+            scores = torch.bmm(qk.narrow(1, 0, hq).reshape(r * hk, g, d), keys.transpose(1, 2)).view(r, hk, g, s)
+            probs = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1)
+            x = torch.addmm(x, torch.bmm(probs.view(r * hk, g, s), values).view(r, hq * d), o_t)
+            gate, up = torch.mm(x, gate_up_t).mul_(self._rms_scale(x)).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate).mul_(up), down_t)
+        return torch.mm(x * self.w.norm, lm_head_t).mul_(self._rms_scale(x))

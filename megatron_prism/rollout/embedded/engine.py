@@ -142,7 +142,11 @@ class EmbeddedEngine(RolloutEngine):
         with torch.inference_mode():
             for start in range(0, len(requests), per_chunk):
                 chunk = requests[start:start + per_chunk]
-                results += self._generate_chunk(chunk, keys[start:start + per_chunk], sampling)
+                self.decoder.begin_generate()
+                try:
+                    results += self._generate_chunk(chunk, keys[start:start + per_chunk], sampling)
+                finally:
+                    self.decoder.end_generate()
         return results
 
     def prompt_logits(self, requests: Sequence[GenerationRequest]) -> Tensor:
@@ -155,7 +159,11 @@ class EmbeddedEngine(RolloutEngine):
         out = []
         with torch.inference_mode():
             for start in range(0, len(requests), self.max_batch_rows):
-                out.append(self._prefill(requests[start:start + self.max_batch_rows], 1, 0)[0])
+                self.decoder.begin_generate()
+                try:
+                    out.append(self._prefill(requests[start:start + self.max_batch_rows], 1, 0)[0])
+                finally:
+                    self.decoder.end_generate()
         return torch.cat(out) if out else torch.empty(0, self.vocab)
 
     # --- internals -----------------------------------------------------------------------------
@@ -242,7 +250,7 @@ class EmbeddedEngine(RolloutEngine):
         # per live row: original row id, next text position, attention bias over slots, sampling key
         live = torch.arange(rows, device=dev)
         next_pos = (torch.tensor(lens, device=dev) + deltas.view(-1).to(dev)).repeat_interleave(n)
-        cos_t, sin_t = dec.rotary_table(int(next_pos.max()) + max_new, self.dtype)
+        rotary = torch.stack(dec.rotary_table(int(next_pos.max()) + max_new, self.dtype), dim=1)  # [pos, 2, D]
         bias = torch.full((rows, p + max_new), float("-inf"), dtype=self.dtype, device=dev)
         bias[:, :p].masked_fill_(pad_mask.repeat_interleave(n, dim=0), 0.0)
         rkeys = row_keys(keys, n, sp.seed, dev)
@@ -258,8 +266,8 @@ class EmbeddedEngine(RolloutEngine):
         stopped = torch.zeros(rows, dtype=torch.bool, device=dev)
         for j in range(max_new):
             tokens, logp = sampler(logits, rkeys, j)
-            tok_live[:, j] = tokens
-            logp_live[:, j] = logp
+            tok_live.select(1, j).copy_(tokens)
+            logp_live.select(1, j).copy_(logp)
             if stop_ids is not None:
                 done = torch.isin(tokens, stop_ids)
                 if bool(done.any()):  # finished rows leave the batch: compact everything they used
@@ -279,9 +287,10 @@ class EmbeddedEngine(RolloutEngine):
             if j == max_new - 1:
                 out_tokens[live], out_logp[live] = tok_live, logp_live
                 break
-            bias[:, p + j] = 0.0
-            pos = next_pos + j
-            logits = dec.decode(tokens, cos_t[pos][:, None], sin_t[pos][:, None], p + j, bias[:, : p + j + 1], kv)
+            bias.select(1, p + j).fill_(0.0)
+            cos_sin = rotary.index_select(0, next_pos + j)  # [R, 2, D]: one gather for both tables
+            logits = dec.decode(tokens, cos_sin.narrow(1, 0, 1), cos_sin.narrow(1, 1, 1), p + j,
+                                bias.narrow(1, 0, p + j + 1), kv)
 
         tok_l, logp_l, len_l, stop_l = (t.tolist() for t in (out_tokens, out_logp, out_len, stopped))
         return [GenerationResult(request_id=requests[i // n].request_id, sample_index=i % n,
