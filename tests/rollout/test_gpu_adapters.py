@@ -12,7 +12,6 @@ checkpoint the policy was built from). Whether SGLang / vLLM accept those calls 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -23,96 +22,11 @@ from megatron_prism.models.qwen3vl.config import read_hf_config
 from megatron_prism.rollout import ENGINES, GenerationRequest, SamplingParams
 from megatron_prism.rollout import sglang_engine
 from megatron_prism.rollout.sglang_engine import SGLangEngine
-from megatron_prism.rollout.vllm_engine import VLLMEngine, load_weights_on_worker
+from megatron_prism.rollout.vllm_engine import VLLMEngine, collapse_image_pads
 from megatron_prism.rollout.weight_sync import export_hf_weights, sync_weights, tensor_bytes
+from recording_doubles import RecordingSGLangDouble, RecordingVLLMDouble, plain_codec  # noqa: F401
 
 BUCKET = 48 << 10
-
-
-@dataclass
-class _Meta:
-    """What SGLang's FlattenedTensorMetadata carries (the CPU tests' stand-in for it)."""
-
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    start_idx: int
-    end_idx: int
-    numel: int
-
-
-@pytest.fixture
-def plain_codec(monkeypatch):
-    """No sglang on CPU: payloads stay python objects instead of serialized CUDA-IPC handles."""
-    monkeypatch.setattr(sglang_engine, "_sglang_codec", lambda: (_Meta, lambda payload: payload))
-
-
-class RecordingSGLangDouble:
-    """Records the calls an adapter makes on ``sglang.Engine``; does not generate or load anything."""
-
-    def __init__(self, report_version: bool = True) -> None:
-        self.calls: list[tuple] = []
-        self.payloads: list[list] = []  # per update call: the per-TP-rank payload list
-        self.version = "default"
-        self.report_version = report_version
-
-    def release_memory_occupation(self, tags=None):
-        self.calls.append(("release", tuple(tags)))
-
-    def resume_memory_occupation(self, tags=None):
-        self.calls.append(("resume", tuple(tags)))
-
-    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True, weight_version=None):
-        self.calls.append(("update", load_format, flush_cache, weight_version))
-        self.payloads.append(list(named_tensors))
-        if weight_version is not None and self.report_version:
-            self.version = weight_version
-        return True, "recorded"
-
-    def flush_cache(self):
-        self.calls.append(("flush",))
-        return True
-
-    def get_weight_version(self):
-        return self.version
-
-    def tensors(self, update_index: int, tp_rank: int = 0) -> list[tuple[str, torch.Tensor]]:
-        """Rebuild one update call's tensors from its flattened payload, as SGLang's loader would."""
-        payload = self.payloads[update_index][tp_rank]
-        flat = payload["flattened_tensor"]
-        return [(m.name, flat[m.start_idx:m.end_idx].reshape(m.shape)) for m in payload["metadata"]]
-
-
-class _RecordingWorker:
-    """What ``collective_rpc`` hands its function: a worker whose model records load_weights."""
-
-    def __init__(self, log: list) -> None:
-        model = SimpleNamespace(load_weights=lambda weights: log.append([n for n, _ in weights]))
-        self.model_runner = SimpleNamespace(model=model)
-
-
-class RecordingVLLMDouble:
-    """Records the calls an adapter makes on ``vllm.LLM``; does not generate or hold memory.
-    ``collective_rpc`` runs the given function against a worker that records ``load_weights``."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-        self.loaded: list[list[str]] = []
-        self.buckets: list[list] = []
-
-    def sleep(self, level=1):
-        self.calls.append(("sleep", level))
-
-    def wake_up(self, tags=None):
-        self.calls.append(("wake_up", tuple(tags)))
-
-    def collective_rpc(self, method, args=(), kwargs=None):
-        self.calls.append(("rpc", getattr(method, "__name__", method)))
-        self.buckets.append(args[0])
-        return [method(_RecordingWorker(self.loaded), *args, **(kwargs or {}))]
-
-    def reset_prefix_cache(self):
-        self.calls.append(("reset_prefix_cache",))
 
 
 def _hf_state(hf_dir) -> dict[str, torch.Tensor]:
@@ -147,67 +61,109 @@ def test_sglang_colocated_sync_order_and_buckets(policy, tiny_dirs, plain_codec)
     engine.release_memory()
     stats = sync_weights(engine, model, hf_config, BUCKET, version=3)
 
-    k = len(expected)  # one dtype (fp32): one update per bucket
-    assert double.calls[0] == ("release", ("weights", "kv_cache"))
+    k = len(expected)  # one raw-byte payload per bucket, whatever its dtypes
+    assert double.calls[0] == ("release", None)  # None: all of 0.5.23's tags (weights, kv_cache, cuda_graph)
     assert double.calls[1] == ("resume", ("weights",))
-    updates = double.calls[2:2 + k]
-    assert updates[:-1] == [("update", "flattened_bucket", False, None)] * (k - 1)
-    assert updates[-1] == ("update", "flattened_bucket", False, "3")  # the version rides on the last call
-    assert double.calls[2 + k:] == [("resume", ("kv_cache",)), ("flush",)]
+    assert double.calls[2:2 + k] == [("update", "flattened_bucket", False)] * k
+    assert double.calls[2 + k:] == [("resume", ("kv_cache", "cuda_graph")), ("flush",)]
+    assert double.offloaded == set()
     assert engine.weight_version == 3
     assert stats["buckets"] == k and stats["tensors"] == sum(map(len, expected)) and stats["gb_per_s"] > 0
 
     ref = _hf_state(tiny_dirs["a"])
     seen: dict[str, torch.Tensor] = {}
     for i, names in enumerate(expected):
-        assert len(double.payloads[i]) == 2  # one payload per engine TP rank
-        got = double.tensors(i)
-        assert [n for n, _ in got] == names
-        size = sum(tensor_bytes(t) for _, t in got)
-        assert size <= BUCKET or len(got) == 1
-        assert double.payloads[i][0]["flattened_tensor"].numel() * 4 == size  # one contiguous fp32 buffer
-        seen.update(got)
+        assert len(double.payloads[i]) == 2  # one payload per engine TP rank ...
+        assert double.payloads[i][0] is not double.payloads[i][1]  # ... each serialized on its own
+        for rank in (0, 1):
+            got = double.tensors(i, rank)
+            assert [n for n, _ in got] == names
+            size = sum(tensor_bytes(t) for _, t in got)
+            assert size <= BUCKET or len(got) == 1
+            seen.update(got)
+    # checked after the whole sync: no payload's buffer was reused for a later bucket
     assert set(seen) == set(ref) and all(torch.equal(seen[n], t) for n, t in ref.items())
 
 
-def test_sglang_update_without_release_flushes_at_once(plain_codec):
+def test_sglang_mixed_dtypes_share_one_byte_payload(plain_codec):
     double = RecordingSGLangDouble()
     engine = SGLangEngine(engine=double)
-    bf16 = [("a", torch.ones(3, dtype=torch.bfloat16)), ("c", torch.zeros(2, dtype=torch.bfloat16))]
-    bucket = [bf16[0], ("b", torch.arange(4.0)), bf16[1]]
+    bucket = [("a", torch.ones(3, dtype=torch.bfloat16)), ("b", torch.arange(4.0)), ("c", torch.zeros(2, 3, dtype=torch.bfloat16))]
     engine.update_weights([bucket], version=None)
-    assert [c[0] for c in double.calls] == ["update", "update", "flush"]  # one update per dtype, then flush
-    assert [n for n, _ in double.tensors(0)] == ["a", "c"]
-    assert double.payloads[0][0]["flattened_tensor"].dtype == torch.bfloat16
-    assert [n for n, _ in double.tensors(1)] == ["b"]
+    assert [c[0] for c in double.calls] == ["update", "flush"]
+    got = dict(double.tensors(0))
+    assert list(got) == ["a", "b", "c"] and all(torch.equal(got[n], t) for n, t in bucket)
     engine.resume_memory()  # nothing released: no call, no second flush
+    assert len(double.calls) == 2
+
+
+def test_sglang_memory_tags_track_what_is_released(plain_codec):
+    double = RecordingSGLangDouble()
+    engine = SGLangEngine(engine=double)
+    engine.release_memory(["kv_cache"])
+    engine.release_memory()  # the rest: weights only (kv_cache and cuda_graph already out)
+    engine.resume_memory()
+    assert double.calls == [("release", ("kv_cache", "cuda_graph")), ("release", ("weights",)),
+                            ("resume", ("weights", "kv_cache", "cuda_graph"))]
+    engine.resume_memory()  # nothing released: SGLang would raise KeyError for a second resume
     assert len(double.calls) == 3
-
-
-def test_sglang_refuses_updates_into_released_weights_and_stale_versions(plain_codec):
-    engine = SGLangEngine(engine=RecordingSGLangDouble())
     engine.release_memory()
     with pytest.raises(RuntimeError, match="resume_memory"):
         engine.update_weights([[("w", torch.ones(2))]], version=1)
-    stale = SGLangEngine(engine=RecordingSGLangDouble(report_version=False))
-    with pytest.raises(RuntimeError, match="weight version"):
-        stale.update_weights([[("w", torch.ones(2))]], version=2)
+    with pytest.raises(RuntimeError, match="released"):
+        engine.generate([GenerationRequest([1, 2], request_id="r")], SamplingParams())
+
+
+def test_sglang_generate_passes_banned_ids_and_a_seed_per_row(plain_codec):
+    double = RecordingSGLangDouble()
+    engine = SGLangEngine(engine=double)
+    out = engine.generate([GenerationRequest([1, 2], request_id="r0"), GenerationRequest([3], request_id="r1")],
+                          SamplingParams(n=2, max_new_tokens=4, stop_ids=[9], banned_ids=[5, 6], seed=11))
+    params = double.generate_kwargs["sampling_params"]
+    assert double.generate_kwargs["input_ids"] == [[1, 2], [1, 2], [3], [3]]
+    assert all(p["logit_bias"] == {"5": -1e9, "6": -1e9} and p["stop_token_ids"] == [9] for p in params)
+    seeds = [p["sampling_seed"] for p in params]
+    assert len(set(seeds)) == 4  # the n copies of a prompt must not draw the same sample
+    assert [(r.request_id, r.sample_index, r.response_ids) for r in out] == [
+        ("r0", 0, [7]), ("r0", 1, [7]), ("r1", 0, [7]), ("r1", 1, [7])]
+
+
+def test_sglang_codec_uses_the_0523_module_paths(monkeypatch):
+    """The codec imports 0.5.23's paths and runs the torch patch (no silent skip): on CPU, with
+    no sglang, that is an ImportError naming ``sglang``, not a pass."""
+    import inspect
+
+    if importlib.util.find_spec("sglang") is None:
+        with pytest.raises(ImportError, match="sglang"):
+            sglang_engine._sglang_codec()
+    else:
+        meta_cls, _ = sglang_engine._sglang_codec()
+        assert meta_cls.__module__ == "sglang.srt.weight_sync.tensor_bucket"
+
+    src = inspect.getsource(sglang_engine._sglang_codec)
+    assert "sglang.srt.utils.patch_torch" in src and "sglang.srt.weight_sync.tensor_bucket" in src
+    assert "except ImportError" not in src
 
 
 # ---- vLLM ---------------------------------------------------------------------------------------
+
+
+def test_collapse_image_pads_keeps_one_pad_per_image():
+    assert collapse_image_pads([1, 9, 9, 9, 2, 9, 9, 3], 9) == [1, 9, 2, 9, 3]
+    assert collapse_image_pads([4, 5], 9) == [4, 5]
 
 
 def test_vllm_colocated_sync_order_and_buckets(policy, tiny_dirs):
     model, hf_config = policy
     expected = _expected_bucket_sizes(model, hf_config)
     double = RecordingVLLMDouble()
-    engine = VLLMEngine(llm=double, sleep_level=2)
+    engine = VLLMEngine(llm=double)
     engine.release_memory()
-    sync_weights(engine, model, hf_config, BUCKET, version=5)
+    sync_weights(engine, model, hf_config, BUCKET, version=5, dst_rank_only=False)
     k = len(expected)
-    assert double.calls == ([("sleep", 2), ("wake_up", ("weights",))] + [("rpc", "load_weights_on_worker")] * k
+    assert double.calls == ([("sleep", 2), ("wake_up", ("weights",))] + [("load_weights",)] * k
                             + [("wake_up", ("kv_cache",)), ("reset_prefix_cache",)])
-    assert double.loaded == expected  # the rpc function handed every bucket to the model's load_weights
+    assert [[n for n, _ in b] for b in double.buckets] == expected  # in-process, tensors as they are
     ref = _hf_state(tiny_dirs["a"])
     for bucket in double.buckets:
         assert sum(tensor_bytes(t) for _, t in bucket) <= BUCKET or len(bucket) == 1
@@ -217,7 +173,7 @@ def test_vllm_colocated_sync_order_and_buckets(policy, tiny_dirs):
 
 def test_vllm_memory_tags():
     double = RecordingVLLMDouble()
-    engine = VLLMEngine(llm=double)
+    engine = VLLMEngine(llm=double, sleep_level=1)
     with pytest.raises(ValueError, match="together"):
         engine.release_memory(["kv_cache"])
     engine.release_memory()
@@ -228,12 +184,32 @@ def test_vllm_memory_tags():
         engine.resume_memory(["optimizer"])
 
 
-def test_vllm_rpc_function_uses_get_model_when_present():
-    loaded = []
-    model = SimpleNamespace(load_weights=lambda weights: loaded.append(dict(weights)))
-    worker = SimpleNamespace(model_runner=SimpleNamespace(get_model=lambda: model))
-    assert load_weights_on_worker(worker, [("x", torch.ones(1))]) == 1
-    assert list(loaded[0]) == ["x"]
+def test_vllm_image_prompt_is_unexpanded_with_the_exact_image():
+    """An image request becomes one placeholder per image plus the very image our processor
+    made the pixel values from (so vLLM's processor neither re-expands nor resizes it)."""
+    import numpy as np
+    from PIL import Image
+
+    from megatron_prism.data.images import ImageSettings, patchify, tokens_per_image
+
+    s = ImageSettings(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=64 * 64)
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, (21, 35, 3), dtype=np.uint8))
+    pv, grid = patchify(img, s)
+    grid_t = torch.tensor([grid])
+    pad = 99
+    n_pads = tokens_per_image(grid_t, s)[0]
+    ids = [1, 2, 98] + [pad] * n_pads + [97, 3]
+    engine = VLLMEngine(llm=RecordingVLLMDouble(), image_token_id=pad, images=s)
+    prompt = engine.prompt(GenerationRequest(ids, pv, grid_t, "r"))
+    assert prompt["prompt_token_ids"] == [1, 2, 98, pad, 97, 3]
+    (picture,) = prompt["multi_modal_data"]["image"]
+    again, grid2 = patchify(picture, s)  # what vLLM's processor would compute from it
+    assert grid2 == grid and torch.allclose(again, pv, atol=1e-6)
+    area = picture.width * picture.height
+    assert prompt["mm_processor_kwargs"] == {"min_pixels": area, "max_pixels": area}
+    with pytest.raises(ValueError, match="image pads"):
+        engine.prompt(GenerationRequest(ids[:-3] + [3], pv, grid_t, "bad"))
 
 
 # ---- registration and missing packages ----------------------------------------------------------
@@ -243,7 +219,7 @@ def test_engines_are_registered():
     assert ENGINES.get("sglang") is SGLangEngine and ENGINES.get("vllm") is VLLMEngine
 
 
-@pytest.mark.parametrize("cls,module,extra", [(SGLangEngine, "sglang", "[gpu]"), (VLLMEngine, "vllm", "[vllm]")])
+@pytest.mark.parametrize("cls,module,extra", [(SGLangEngine, "sglang", "[sglang]"), (VLLMEngine, "vllm", "[vllm]")])
 def test_missing_package_or_cuda_is_a_clear_error(cls, module, extra, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
@@ -258,7 +234,7 @@ def test_missing_package_or_cuda_is_a_clear_error(cls, module, extra, monkeypatc
 
 def test_constructing_here_without_the_packages_fails_clearly():
     """On this CPU machine (no sglang / vllm): the real constructors refuse with the extra's name."""
-    for cls, module, extra in ((SGLangEngine, "sglang", "[gpu]"), (VLLMEngine, "vllm", "[vllm]")):
+    for cls, module, extra in ((SGLangEngine, "sglang", "[sglang]"), (VLLMEngine, "vllm", "[vllm]")):
         if importlib.util.find_spec(module) is not None:
             continue  # installed (a GPU machine): covered by the test above and the gpu tests
         with pytest.raises(ImportError) as err:
