@@ -12,6 +12,7 @@ checkpoint the policy was built from). Whether SGLang / vLLM accept those calls 
 from __future__ import annotations
 
 import importlib.util
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +35,19 @@ def _hf_state(hf_dir) -> dict[str, torch.Tensor]:
     for f in sorted(hf_dir.glob("*.safetensors")):
         state.update(load_file(f))
     return state
+
+
+@pytest.fixture(scope="module")
+def gpu_engine_model(tmp_path_factory):
+    """A bf16 Qwen3-VL real engines take (head_dim 64, tokenizer, preprocessor_config.json)."""
+    from megatron_prism.data.synth import save_tokenizer, train_tokenizer
+    from megatron_prism.models.qwen3vl.tiny import GPU_ENGINE_SHAPE, save_tiny_for_tokenizer
+
+    root = tmp_path_factory.mktemp("gpu_engine_model")
+    texts = [f"what is {a} + {b}? the answer is {a + b}." for a in range(20) for b in range(5)]
+    tok = save_tokenizer(train_tokenizer(texts, vocab_size=300), root / "tokenizer")
+    return save_tiny_for_tokenizer(root / "model", tok, seed=3, shape=GPU_ENGINE_SHAPE, dtype=torch.bfloat16,
+                                   with_preprocessor=True)
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +256,44 @@ def test_constructing_here_without_the_packages_fails_clearly():
         assert extra in str(err.value) and module in str(err.value)
 
 
+def test_hf_processor_given_the_rebuilt_image_reproduces_our_pixel_values(gpu_engine_model):
+    """What vLLM's Qwen3-VL processor computes from the adapter's prompt: transformers' image
+    processor, configured by the test model's preprocessor_config.json, on the rebuilt image with
+    the adapter's min/max pixels gives exactly the pixel values the trainer uses."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from megatron_prism.data.images import patchify, settings_for_model, tokens_per_image
+
+    s = settings_for_model(gpu_engine_model, patch_size=16, merge_size=2, temporal_patch_size=2)
+    img = Image.fromarray(np.random.default_rng(5).integers(0, 256, (300, 411, 3), dtype=np.uint8))
+    pv, grid = patchify(img, s)
+    grid_t = torch.tensor([grid])
+    pad = 7
+    engine = VLLMEngine(llm=RecordingVLLMDouble(), image_token_id=pad, images=s)
+    prompt = engine.prompt(GenerationRequest([1] + [pad] * tokens_per_image(grid_t, s)[0] + [2], pv, grid_t, "r"))
+    hf = AutoImageProcessor.from_pretrained(str(gpu_engine_model), local_files_only=True)
+    out = hf(images=prompt["multi_modal_data"]["image"], **prompt["mm_processor_kwargs"], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [list(grid)]
+    assert torch.equal(out["pixel_values"].to(pv.dtype), pv)
+
+
+def test_the_gpu_test_model_is_one_real_engines_take(gpu_engine_model):
+    """bf16, head_dim >= 64, KV heads that split over TP 2, a tokenizer and a preprocessor config."""
+    import json
+
+    cfg = json.loads((gpu_engine_model / "config.json").read_text())
+    text = cfg["text_config"]
+    assert text["head_dim"] >= 64 and text["num_key_value_heads"] % 2 == 0
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    names = {f.name for f in gpu_engine_model.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "model.safetensors"} <= names
+    from megatron_prism.data.processing import load_tokenizer
+
+    load_tokenizer(gpu_engine_model)  # has Qwen's chat and vision tokens
+
+
 # ---- real engines (GPU only) --------------------------------------------------------------------
 
 
@@ -260,7 +312,7 @@ def _check_results(results, n: int, max_new: int) -> None:
 def _perturbed_policy(hf_dir):
     from megatron_prism.models import build_policy
 
-    model = build_policy(hf_dir)
+    model = build_policy(hf_dir, dtype=torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("word_embeddings.weight"):
@@ -268,17 +320,46 @@ def _perturbed_policy(hf_dir):
     return model
 
 
-@pytest.mark.gpu
-def test_sglang_engine_on_the_tiny_model(tiny_dirs):
-    engine = SGLangEngine(str(tiny_dirs["a"]), mem_fraction_static=0.2, dtype="float32", seed=1)
+def _image_request(model_dir, request_id: str = "img") -> GenerationRequest:
+    import numpy as np
+    from PIL import Image
+
+    from megatron_prism.data import chat
+    from megatron_prism.data.images import patchify, settings_for_model, tokens_per_image
+    from megatron_prism.data.processing import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    s = settings_for_model(model_dir, patch_size=16, merge_size=2, temporal_patch_size=2)
+    pv, grid = patchify(Image.fromarray(np.random.default_rng(2).integers(0, 256, (256, 320, 3), dtype=np.uint8)), s)
+    grid_t = torch.tensor([grid])
+    ids = [tok.convert_tokens_to_ids(t) for t in (chat.VISION_START,)]
+    ids += [tok.convert_tokens_to_ids(chat.IMAGE_PAD)] * tokens_per_image(grid_t, s)[0]
+    ids += [tok.convert_tokens_to_ids(chat.VISION_END), 5, 17]
+    return GenerationRequest(ids, pv.to(torch.bfloat16), grid_t, request_id)
+
+
+def _run_engine(engine_cls, model_dir) -> None:
+    """Start with dummy weights, sync real ones, generate text and one image prompt, release,
+    sync perturbed weights, generate again: the log-probs must change."""
+    from megatron_prism.parallel.rollout_groups import engine_device
+    from megatron_prism.rollout.placement import place_engine
+
+    engine = engine_cls.launch(model_dir, place_engine(0, 1, 1, 0.3, 30500, seed=1), engine_device())
     try:
+        hf_config = read_hf_config(model_dir)
+        from megatron_prism.models import build_policy
+
+        sync_weights(engine, build_policy(model_dir, dtype=torch.bfloat16), hf_config, 1 << 20, version=1,
+                     dst_rank_only=not engine_cls.spmd)
         greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
         before = engine.generate(_text_requests(), greedy)
         _check_results(before, 2, 6)
+        (img,) = [r for r in engine.generate([_image_request(model_dir)], greedy)][:1]
+        assert img.request_id == "img" and len(img.response_ids) >= 1
         engine.release_memory()
-        stats = sync_weights(engine, _perturbed_policy(tiny_dirs["a"]), read_hf_config(tiny_dirs["a"]), 1 << 20,
-                             version=7)
-        assert engine.weight_version == 7 and stats["bytes"] > 0
+        sync_weights(engine, _perturbed_policy(model_dir), hf_config, 1 << 20, version=7,
+                     dst_rank_only=not engine_cls.spmd)
+        assert engine.weight_version == 7
         after = engine.generate(_text_requests(), greedy)
         _check_results(after, 2, 6)
         assert [r.logprobs for r in after] != [r.logprobs for r in before]
@@ -287,18 +368,29 @@ def test_sglang_engine_on_the_tiny_model(tiny_dirs):
 
 
 @pytest.mark.gpu
-def test_vllm_engine_on_the_tiny_model(tiny_dirs):
-    engine = VLLMEngine(str(tiny_dirs["a"]), gpu_memory_utilization=0.2, dtype="float32", seed=1,
-                        engine_kwargs={"enforce_eager": True})
+def test_sglang_engine_on_the_gpu_test_model(gpu_engine_model):
+    _run_engine(SGLangEngine, gpu_engine_model)
+
+
+@pytest.mark.gpu
+def test_vllm_engine_on_the_gpu_test_model(gpu_engine_model, monkeypatch):
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29533"}.items():
+        monkeypatch.setenv(k, os.environ.get(k, v))
+    _run_engine(VLLMEngine, gpu_engine_model)
+
+
+@pytest.mark.gpu
+def test_sglang_tp2_sync_into_a_real_engine(gpu_engine_model):
+    """Full HF tensors sync into a real SGLang engine of TP=2: each of its ranks deserializes its
+    own payload and takes its shard (``tests/rollout/test_sync_tp2.py`` covers a TP=2 export)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from megatron_prism.rollout.placement import place_engine
+
+    engine = SGLangEngine.launch(gpu_engine_model, place_engine(0, 2, 2, 0.3, 30600), torch.device("cuda", 0))
     try:
-        greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
-        before = engine.generate(_text_requests(), greedy)
-        _check_results(before, 2, 6)
-        engine.release_memory()
-        sync_weights(engine, _perturbed_policy(tiny_dirs["a"]), read_hf_config(tiny_dirs["a"]), 1 << 20, version=7)
-        assert engine.weight_version == 7
-        after = engine.generate(_text_requests(), greedy)
-        _check_results(after, 2, 6)
-        assert [r.logprobs for r in after] != [r.logprobs for r in before]
+        sync_weights(engine, _perturbed_policy(gpu_engine_model), read_hf_config(gpu_engine_model), 1 << 20, version=2)
+        _check_results(engine.generate(_text_requests(), SamplingParams(n=2, temperature=0.0, max_new_tokens=6)), 2, 6)
     finally:
         engine.shutdown()
