@@ -21,7 +21,7 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_prism*", "kernels*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # sglang 0.5.23 needs >= 3.11; vllm 0.33.0 supports < 3.15
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16,<0.20",
@@ -41,10 +41,18 @@ setup(
     extras_require={
         # scipy: reference for the t-distribution tail; wandb: the W&B logger is tested offline
         "test": ["pytest", "pytest-timeout", "scipy", "wandb"],
-        # GPU runs. apex is not listed: where its fused kernels are wanted it is built from source
-        # against the installed torch/CUDA (its PyPI name is an unrelated package).
-        "gpu": ["transformer-engine[pytorch]", "sglang", "flash-attn"],
-        "vllm": ["vllm"],
+        # GPU runs (README "On a GPU cluster"). One rollout engine per environment: each extra pins
+        # the release the adapter was written against and the torch / transformers that release
+        # itself pins (its own metadata), so pip cannot pick a combination nobody tested.
+        # flash-attn is not listed: nothing here imports it, and its wheel overwrites the
+        # flash_attn/cute package that sglang's flash-attn-4 provides. apex is not listed either:
+        # where wanted it is built from source against the installed torch/CUDA (its PyPI name is
+        # an unrelated package).
+        "sglang": ["sglang==0.5.23", "torch==2.14.1", "transformers==5.19.0"],
+        "vllm": ["vllm==0.33.0", "torch==2.14.0", "transformers>=5.16.1,<5.21"],
+        # Transformer Engine, as megatron-core 0.16.1's own metadata asks (its "dev" extra); it
+        # compiles against the installed torch: pip install --no-build-isolation -e '.[te]'
+        "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["prism=megatron_prism.cli:main"]},

@@ -27,6 +27,9 @@ Environment (optional):
   PRISM_RL_ALGO (grpo | dapo | gspo)   PRISM_STAGES (default: all, "$ALL_STAGES")
   PRISM_BENCHMARKS ("mathvista=/data/MathVista mmmu=/data/MMMU ...")  PRISM_EVAL_K (8)  PRISM_EVAL_TEMPERATURE (1.0)
   PRISM_REPO (the checkout; default: the directory sbatch was run from)  MASTER_PORT (from the job id)
+  NCCL_* (the site's NCCL settings, e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA): exported ones reach every rank
+Container: PRISM_CONTAINER is an image with the package's GPU environment (docker/Dockerfile); the model
+  dirs, data, output dir and repo are mounted at the same paths.
 EOF
 }
 
@@ -97,8 +100,15 @@ esac
 read -r -a EXTRA <<< "${PRISM_OVERRIDES:-}"
 
 # Where each process runs: the venv activated here (srun inherits the environment), or a container.
+# In a container (pyxis/enroot), every path a command names is mounted at the same place: the policy
+# and discriminator model dirs, the data, the output dir and the repo (the workdir, on PYTHONPATH).
+# Each rank's rollout engine binds to its own GPU from torchrun's LOCAL_RANK (rollout.client), so no
+# CUDA_VISIBLE_DEVICES juggling is needed. NCCL knobs a site sets (NCCL_SOCKET_IFNAME, NCCL_IB_HCA,
+# NCCL_IB_GID_INDEX, NCCL_DEBUG=WARN, NCCL_NVLS_ENABLE, ...) pass through: export them before sbatch.
 if [[ -n "${PRISM_CONTAINER:-}" ]]; then
-  SRUN_IMAGE=(--container-image="$PRISM_CONTAINER" --container-mounts="$OUT:$OUT,$PRISM_DATA_ROOT:$PRISM_DATA_ROOT" --container-workdir="$PRISM_REPO")
+  MOUNTS="$OUT:$OUT,$PRISM_DATA_ROOT:$PRISM_DATA_ROOT,$PRISM_POLICY_HF_DIR:$PRISM_POLICY_HF_DIR,$PRISM_REPO:$PRISM_REPO"
+  if want warmup || want align; then MOUNTS+=",$PRISM_DISC_HF_DIR:$PRISM_DISC_HF_DIR"; fi
+  SRUN_IMAGE=(--container-image="$PRISM_CONTAINER" --container-mounts="$MOUNTS" --container-workdir="$PRISM_REPO")
 else
   SRUN_IMAGE=()
   # shellcheck disable=SC1091

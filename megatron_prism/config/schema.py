@@ -102,7 +102,13 @@ class RolloutConfig:
     ``val_n`` / ``val_temperature`` are the held-out evaluation's sampling (verl's
     ``val_kwargs``): ``val_temperature: 0`` is greedy; with ``val_n`` samples per item at a
     temperature the reported accuracy is the mean over samples (pass@1 estimated from ``val_n``
-    samples, as DeepSeek-R1 and DAPO report it) and pass@``val_n`` is logged beside it."""
+    samples, as DeepSeek-R1 and DAPO report it) and pass@``val_n`` is logged beside it.
+
+    Placement (``rollout.client``): each engine sits on its leader's own GPU and spans ``tp``
+    GPUs (1, or a multiple of ``parallel.tp`` with ``parallel.pp`` 1); ``gpu_memory_fraction`` is
+    of the GPU's total memory; engines of one node take ports from ``port_base`` on. Ranks that
+    wait while their engine generates wait on a gloo group for up to ``wait_timeout_s`` (a
+    round of ``n`` x ``max_new_tokens`` can take far longer than NCCL's 600 s watchdog)."""
 
     engine: str = "embedded"
     n: int = 8
@@ -111,6 +117,9 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 512
     gpu_memory_fraction: float = 0.5
+    tp: int = 1
+    port_base: int = 30000
+    wait_timeout_s: float = 3600.0
     val_n: int = 1
     val_temperature: float = 0.0
 

@@ -230,8 +230,12 @@ def _ranges(c: _Check) -> None:
     c.within(f"{r}.gpu_memory_fraction", 0, 1, "the engine's share of GPU memory", low_open=True, high_open=True)
     c.at_least(f"{r}.val_n", 1, "the number of held-out samples per item")
     c.at_least(f"{r}.val_temperature", 0, "a sampling temperature (0: greedy)")
-    if hasattr(cfg.rollout, "tp"):  # the engine's own tensor-parallel size (GPU engines)
-        c.at_least(f"{r}.tp", 1, "the rollout engine's tensor-parallel size")
+    c.at_least(f"{r}.tp", 1, "the rollout engine's tensor-parallel size")
+    if cfg.rollout.tp > 1 and (cfg.rollout.tp % cfg.parallel.tp or cfg.parallel.pp != 1):
+        c.fail(f"{r}.tp", f"{cfg.rollout.tp} must be a multiple of parallel.tp ({cfg.parallel.tp}) with parallel.pp 1 "
+                          f"(now {cfg.parallel.pp}): an engine spans whole model-parallel groups of consecutive ranks")
+    c.at_least(f"{r}.port_base", 1024, "the first port of the node's rollout engines")
+    c.at_least(f"{r}.wait_timeout_s", 1, "how long ranks wait for their engine's generation, in seconds")
     _algorithm_ranges(c, "algorithm")
     d = "discriminator"
     c.at_least(f"{d}.num_experts", 1, "the number of experts")
@@ -355,8 +359,8 @@ def _layout(c: _Check, world_size: int | None, *, batches: bool) -> None:
     if game and dp % p.ep:
         c.fail("parallel.ep", f"must divide the data-parallel size {dp} (= {world_size} ranks / TP {p.tp} / PP {p.pp}),"
                               " from which megatron carves the expert-parallel groups")
-    rollout_tp = getattr(cfg.rollout, "tp", None)
-    if rollout_tp and world_size % rollout_tp:
+    rollout_tp = cfg.rollout.tp
+    if rollout_tp >= 1 and world_size % rollout_tp:
         c.fail("rollout.tp", f"does not divide the {world_size} ranks: each engine spans rollout.tp ranks")
     for stage in cfg.enabled_stages() if batches else ():
         if stage.name in TRAINING_STAGES and stage.global_batch_size >= 1:
@@ -381,9 +385,6 @@ def _paths(c: _Check) -> None:
                                                  "with tools/upcycle_discriminator.py")
         elif d.hf_dir and not d.megatron_dir and not (Path(d.hf_dir) / "config.json").is_file():
             c.fail("discriminator.hf_dir", "has no config.json; point it at a Hugging Face Qwen3-VL directory")
-    if cfg.rollout.engine != "embedded" and "rollout.engine" not in c.unknown_names and not m.hf_dir:
-        c.fail("rollout.engine", "starts its server from Hugging Face weights on disk: set model.hf_dir (the "
-                                 "policy's HF directory) or use rollout.engine=embedded")
     for stage in cfg.enabled_stages():
         if stage.data_path is not None:
             _split_exists(c, f"stages.{stage.name}.data_path", Path(stage.data_path))

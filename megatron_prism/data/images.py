@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,22 @@ def patchify(image: Image.Image, s: ImageSettings) -> tuple[torch.Tensor, tuple[
     x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
     x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # a still image: T equal frames
     return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * t * p * p)), (1, gh, gw)
+
+
+def unpatchify(pixel_values: torch.Tensor, grid_thw: Sequence[int], s: ImageSettings) -> Image.Image:
+    """The resized RGB image :func:`patchify` made ``pixel_values`` from, exactly (its uint8
+    pixels are recovered by undoing the normalisation and rounding). For engines that take
+    images rather than pixel values (vLLM) and would otherwise resize the original themselves."""
+    t, gh, gw = (int(v) for v in grid_thw)
+    p, m, tp = s.patch_size, s.merge_size, s.temporal_patch_size
+    if t != 1 or pixel_values.shape != (gh * gw, 3 * tp * p * p):
+        raise ValueError(f"pixel_values {tuple(pixel_values.shape)} do not match one still image of grid {grid_thw}")
+    x = pixel_values.detach().to("cpu", torch.float64).numpy().reshape(gh // m, gw // m, m, m, 3, tp, p, p)[:, :, :, :, :, 0]
+    x = x.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * p, gw * p)  # undo patchify's merge-window order
+    mean = np.asarray(s.image_mean, dtype=np.float64)[:, None, None]
+    std = np.asarray(s.image_std, dtype=np.float64)[:, None, None]
+    rgb = np.clip(np.rint((x * std + mean) * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
 
 
 def process_images(refs: list[ImageRef], s: ImageSettings, where: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -12,11 +12,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
 from megatron_prism.registry import Registry
+
+if TYPE_CHECKING:
+    from megatron_prism.rollout.placement import EnginePlacement
 
 MemoryTag = Literal["weights", "kv_cache"]
 MEMORY_TAGS: tuple[MemoryTag, ...] = ("weights", "kv_cache")
@@ -68,7 +72,20 @@ WeightBucket = Sequence[tuple[str, torch.Tensor]]
 
 
 class RolloutEngine(abc.ABC):
-    """What every engine provides (embedded, SGLang, vLLM)."""
+    """What every engine provides (embedded, SGLang, vLLM).
+
+    ``spmd``: every rank of the engine group holds its own share of the engine and the ranks of
+    one engine TP group call ``generate`` with the same prompts (vLLM's ``external_launcher``);
+    otherwise the group's leader alone holds and drives it (the engine spawns its own TP workers).
+    """
+
+    spmd: ClassVar[bool] = False
+
+    @classmethod
+    def launch(cls, config_dir: Path, placement: EnginePlacement, device: torch.device) -> RolloutEngine:
+        """Start the engine from the config and tokenizer in ``config_dir`` with dummy weights
+        (real ones come with the first ``update_weights``), placed as ``placement`` says."""
+        raise NotImplementedError(f"{cls.__name__} cannot be launched from a placement")
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationResult]:

@@ -1,40 +1,49 @@
-"""The SGLang rollout engine: a thin adapter from :class:`RolloutEngine` to a colocated ``sglang.Engine``.
+"""The SGLang rollout engine: a thin adapter from :class:`RolloutEngine` to a colocated ``sglang.Engine``
+(written against the released sglang 0.5.23 sources; ``file:function`` below are theirs).
 
-SGLang is a GPU-only, optional dependency (the ``[gpu]`` extra), so it is imported lazily: this
+SGLang is a GPU-only, optional dependency (the ``[sglang]`` extra), so it is imported lazily: this
 module imports on any machine, and constructing the adapter without sglang or without CUDA fails
 at once with a message that says what to install. The ``sglang.Engine`` itself is started on
-first use (it takes GPU memory), from the model path and the settings given here.
+first use (it takes GPU memory), from the settings given here.
 
 How the interface maps onto SGLang's offline engine API:
 
+* ``launch(config_dir, placement)`` -> ``sglang.Engine(model_path=config_dir, load_format="dummy",
+  base_gpu_id=<the leader's GPU>, tp_size=rollout.tp, port/nccl_port=<the engine's own>,
+  mem_fraction_static=<rollout.gpu_memory_fraction rescaled, see rollout.placement>)``: the engine
+  needs only the checkpoint's config and tokenizer; real weights come with the first sync.
 * ``generate`` -> ``Engine.generate(input_ids=..., image_data=..., sampling_params=..., return_logprob=True)``.
   Each request is repeated ``n`` times in the batch (results come back in batch order, so
-  request-major, sample-minor as the interface wants). Fields: ``prompt_ids`` -> ``input_ids``
-  (already expanded image pads, so the engine runs with ``skip_tokenizer_init``);
-  ``pixel_values`` + ``image_grid_thw`` -> one ``image_data`` item in SGLang's
-  ``{"format": "processor_output", ...}`` form (pre-processed, not re-processed);
-  ``temperature``/``top_p``/``top_k``/``stop_ids``/``max_new_tokens`` -> ``temperature``/``top_p``/
-  ``top_k``/``stop_token_ids``/``max_new_tokens``. Back: ``meta_info.output_token_logprobs``
-  (``(logprob, token_id, text)`` triples) gives ``response_ids`` and ``logprobs``;
-  ``meta_info.finish_reason.type`` gives ``finish_reason`` (``abort`` is an error).
-  The per-request ``seed`` is not passed (SGLang seeds from the engine's ``random_seed``).
-* ``release_memory(tags)`` / ``resume_memory(tags)`` -> ``release_memory_occupation(tags=...)`` /
-  ``resume_memory_occupation(tags=...)`` (needs ``enable_memory_saver=True``, set by default).
-  The adapter tracks which tags are released so both calls are idempotent.
-* ``update_weights(buckets, version)`` -> per bucket and dtype, a :class:`FlatBucket` handed to
-  ``update_weights_from_tensor(..., load_format="flattened_bucket", flush_cache=False)``
-  (serialised with SGLang's ``MultiprocessingSerializer``: on one node that is a CUDA-IPC
-  handle, not a copy). The version travels with the last call as ``weight_version`` where the
-  installed SGLang accepts it and is read back afterwards (``get_weight_version`` /
-  ``get_model_info`` / ``get_server_info``); a mismatch is an error. The radix cache is flushed
-  after the update, or, when the KV cache is released (colocated), right after it is resumed.
+  request-major, sample-minor as the interface wants). ``pixel_values`` + ``image_grid_thw`` ->
+  one ``image_data`` item in SGLang's ``{"format": "processor_output", ...}`` form.
+  ``temperature``/``top_p``/``top_k``/``stop_ids``/``max_new_tokens`` -> the same-named fields
+  (``stop_token_ids``); ``banned_ids`` -> ``logit_bias`` of -1e9 (``sampling/sampling_batch_info.py``
+  adds it to the logits); ``seed`` -> a ``sampling_seed`` per row (honoured by SGLang when the
+  engine runs with ``enable_deterministic_inference``, ``sampling_batch_info.py:from_schedule_batch``).
+  Back: ``meta_info.output_token_logprobs`` (``(logprob, token_id, text)`` triples) gives
+  ``response_ids`` and ``logprobs``; ``meta_info.finish_reason.type`` gives ``finish_reason``.
+* ``release_memory()`` -> ``release_memory_occupation(tags=None)``: 0.5.23 has three tags
+  (``srt/constants.py``: weights, kv_cache, cuda_graph) and None releases all of them
+  (``scheduler_components/weight_updater.py:release_memory_occupation``). ``resume_memory(["weights"])``
+  -> ``resume(["weights"])``; ``resume_memory(["kv_cache"])`` -> ``resume(["kv_cache", "cuda_graph"])``.
+  SGLang's resume removes each tag from a set (a tag not released is a KeyError there), so the
+  adapter tracks exactly what is released.
+* ``update_weights(buckets, version)`` -> per bucket, one raw-byte :class:`FlatBucket` (SGLang's
+  ``weight_sync/tensor_bucket.py:FlattenedTensorBucket`` layout: uint8 buffer, byte offsets),
+  serialized once *per engine TP rank* (``tp_worker.py:deserialize_own_rank``: each rank
+  deserializes only its own copy, or the producer's CUDA-IPC refcounts break) and handed to
+  ``update_weights_from_tensor(..., load_format="flattened_bucket", flush_cache=False)``. The
+  call returns when every rank has loaded the bucket; the buffer stays referenced until then, and
+  torch's CUDA-IPC refcounting (``torch/multiprocessing/cuda_multiprocessing.md``: the sender
+  keeps a block until the receiver has freed its handle) keeps its memory from being reused before
+  the engine has read it. 0.5.23 takes no ``weight_version``; the adapter keeps the version. The
+  radix cache is flushed after the update, or, when the KV cache is released, once it is resumed.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 import torch
@@ -67,42 +76,19 @@ def require_gpu_package(module: str, extra: str, who: str) -> None:
 
 def _sglang_codec() -> tuple[type, Callable[[Any], Any]]:
     """SGLang's flattened-bucket metadata class and its payload serializer (lazy imports; the
-    CPU tests replace this function, there being no sglang to import)."""
-    try:
-        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
-    except ImportError:  # older releases keep it next to the model runner
-        from sglang.srt.model_executor.model_runner import FlattenedTensorMetadata
+    CPU tests replace this function, there being no sglang to import). The torch reductions
+    patch (``sglang/srt/utils/patch_torch.py``, where 0.5.23 keeps it) lets a CUDA-IPC handle be
+    opened on another device of the node; a missing patch is an error, never skipped."""
     from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
 
-    try:  # lets CUDA-IPC handles be opened on another device of the node
-        from sglang.srt.patch_torch import monkey_patch_torch_reductions
-
-        monkey_patch_torch_reductions()
-    except ImportError:
-        pass
+    monkey_patch_torch_reductions()
     return FlattenedTensorMetadata, lambda payload: MultiprocessingSerializer.serialize(payload, output_str=True)
 
 
-def _by_dtype(bucket: WeightBucket) -> list[list[tuple[str, torch.Tensor]]]:
-    """A bucket split into one group per dtype, in first-seen order (SGLang's flattened buffer
-    holds a single dtype)."""
-    groups: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
-    for name, tensor in bucket:
-        groups.setdefault(tensor.dtype, []).append((name, tensor))
-    return list(groups.values())
-
-
-def _with_last(items: Iterable) -> Iterator[tuple[Any, bool]]:
-    """``(item, is_last)`` pairs; holds one item of look-ahead."""
-    it = iter(items)
-    try:
-        prev = next(it)
-    except StopIteration:
-        return
-    for item in it:
-        yield prev, False
-        prev = item
-    yield prev, True
+BANNED_LOGIT_BIAS = -1e9  # added to a banned id's logit: its probability underflows to exactly 0
+SGLANG_TAGS = ("weights", "kv_cache", "cuda_graph")  # sglang/srt/constants.py GPU_MEMORY_ALL_TYPES
 
 
 def _check_result(result: Any, what: str) -> None:
@@ -141,20 +127,33 @@ class SGLangEngine(RolloutEngine):
         pause_during_update: bool = False,
     ) -> None:
         if engine is None:
-            require_gpu_package("sglang", "gpu", "SGLangEngine")
+            require_gpu_package("sglang", "sglang", "SGLangEngine")
             if not model_path:
                 raise ValueError("SGLangEngine needs model_path (a HF directory) when no engine is given")
         self.tp_size = tp_size
         self.pause_during_update = pause_during_update
         self._kwargs = dict(
             model_path=str(model_path), tp_size=tp_size, mem_fraction_static=mem_fraction_static, dtype=dtype,
-            random_seed=seed, enable_memory_saver=True, skip_tokenizer_init=True,
+            random_seed=seed, enable_memory_saver=True,
         )
         self._kwargs.update(engine_kwargs or {})
         self._engine = engine
         self._released: set[str] = set()
         self._needs_flush = False
         self._version: int | None = None
+
+    @classmethod
+    def launch(cls, config_dir, placement, device) -> SGLangEngine:
+        """An engine on GPUs ``placement.gpu_id ..`` + ``placement.tp`` with dummy weights, sized
+        from the GPU's total memory (``rollout.placement.sglang_mem_fraction``)."""
+        from megatron_prism.rollout.placement import sglang_mem_fraction
+
+        require_gpu_package("sglang", "sglang", "SGLangEngine")
+        free, total = torch.cuda.mem_get_info(placement.gpu_id)
+        return cls(str(config_dir), tp_size=placement.tp, seed=placement.seed,
+                   mem_fraction_static=sglang_mem_fraction(placement.memory_fraction, free, total),
+                   engine_kwargs=dict(load_format="dummy", base_gpu_id=placement.gpu_id, port=placement.port,
+                                      nccl_port=placement.nccl_port))
 
     @property
     def engine(self) -> Any:
@@ -178,6 +177,8 @@ class SGLangEngine(RolloutEngine):
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
             "max_new_tokens": sampling.max_new_tokens, "stop_token_ids": list(sampling.stop_ids),
         }
+        if sampling.banned_ids:
+            params["logit_bias"] = {str(int(t)): BANNED_LOGIT_BIAS for t in sampling.banned_ids}
         input_ids, images = [], []
         for req in requests:
             image = None
@@ -189,7 +190,8 @@ class SGLangEngine(RolloutEngine):
                 images.append(image)
         outputs = self.engine.generate(
             input_ids=input_ids, image_data=images if any(i is not None for i in images) else None,
-            sampling_params=[dict(params) for _ in input_ids], return_logprob=True,
+            sampling_params=[dict(params, sampling_seed=_row_seed(sampling.seed, row)) for row in range(len(input_ids))],
+            return_logprob=True,
         )
         results = []
         for i, out in enumerate(outputs):
@@ -210,15 +212,22 @@ class SGLangEngine(RolloutEngine):
     # ---- memory ----------------------------------------------------------------------------
 
     def release_memory(self, tags: Sequence[MemoryTag] = MEMORY_TAGS) -> None:
+        """Both interface tags: all of SGLang's memory (``tags=None``: weights, KV cache, CUDA
+        graphs); ``["kv_cache"]`` alone: the KV cache and the CUDA graphs that address it."""
         check_memory_tags(tags)
-        todo = [t for t in MEMORY_TAGS if t in tags and t not in self._released]
-        if todo:
-            self.engine.release_memory_occupation(tags=todo)
-            self._released.update(todo)
+        if set(tags) >= set(MEMORY_TAGS):
+            todo = [t for t in SGLANG_TAGS if t not in self._released]
+            if todo:
+                self.engine.release_memory_occupation(tags=None if len(todo) == len(SGLANG_TAGS) else todo)
+        else:
+            todo = [t for t in _sglang_tags(tags) if t not in self._released]
+            if todo:
+                self.engine.release_memory_occupation(tags=todo)
+        self._released.update(todo)
 
     def resume_memory(self, tags: Sequence[MemoryTag] = MEMORY_TAGS) -> None:
         check_memory_tags(tags)
-        todo = [t for t in MEMORY_TAGS if t in tags and t in self._released]
+        todo = [t for t in _sglang_tags(tags) if t in self._released]
         if todo:
             self.engine.resume_memory_occupation(tags=todo)
             self._released.difference_update(todo)
@@ -238,32 +247,27 @@ class SGLangEngine(RolloutEngine):
                                "resume_memory(['weights']) first")
         engine = self.engine
         meta_cls, serialize = _sglang_codec()
-        takes_version = version is not None and _accepts(engine.update_weights_from_tensor, "weight_version")
         paused = self.pause_during_update and hasattr(engine, "pause_generation")
         if paused:
             engine.pause_generation()
         try:
-            groups = (group for bucket in buckets for group in _by_dtype(bucket))
-            for group, last in _with_last(groups):
-                flat = flatten(group)
+            for bucket in buckets:
+                flat = flatten(bucket, as_bytes=True)
                 payload = {
                     "flattened_tensor": flat.buffer,
                     "metadata": [meta_cls(name=e.name, shape=torch.Size(e.shape), dtype=e.dtype, start_idx=e.offset,
-                                          end_idx=e.offset + e.numel, numel=e.numel) for e in flat.entries],
+                                          end_idx=e.offset + e.numel * e.dtype.itemsize,
+                                          numel=e.numel * e.dtype.itemsize) for e in flat.entries],
                 }
-                blob = serialize(payload)
-                extra = {"weight_version": str(version)} if takes_version and last else {}
-                result = engine.update_weights_from_tensor(
-                    named_tensors=[blob] * self.tp_size, load_format="flattened_bucket", flush_cache=False, **extra)
+                # one serialization per engine TP rank: each rank opens (and later closes) its own handle
+                blobs = [serialize(payload) for _ in range(self.tp_size)]
+                result = engine.update_weights_from_tensor(named_tensors=blobs, load_format="flattened_bucket",
+                                                           flush_cache=False)
                 _check_result(result, "update_weights_from_tensor")
-                del flat, payload, blob
+                del flat, payload, blobs  # only now: every rank has loaded this bucket
         finally:
             if paused:
                 engine.continue_generation()
-        if takes_version:
-            reported = _reported_version(engine)
-            if reported is not None and str(reported) != str(version):
-                raise RuntimeError(f"SGLang reports weight version {reported!r} after an update to {version!r}")
         self._version = version
         self._needs_flush = True
         if "kv_cache" not in self._released:
@@ -275,21 +279,12 @@ class SGLangEngine(RolloutEngine):
         self._engine = None
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+def _sglang_tags(tags: Sequence[str]) -> list[str]:
+    """SGLang's tags for interface tags: the CUDA graphs go with the KV cache they address."""
+    out = [t for t in ("weights", "kv_cache") if t in tags]
+    return out + (["cuda_graph"] if "kv_cache" in tags else [])
 
 
-def _reported_version(engine: Any) -> str | None:
-    """The weight version the engine reports, where this SGLang release exposes it."""
-    if hasattr(engine, "get_weight_version"):
-        return engine.get_weight_version()
-    for getter in ("get_model_info", "get_server_info"):
-        if hasattr(engine, getter):
-            info = getattr(engine, getter)()
-            if isinstance(info, dict) and "weight_version" in info:
-                return info["weight_version"]
-    return None
+def _row_seed(seed: int, row: int) -> int:
+    """A distinct 63-bit seed for each row of a batch (the ``n`` copies of a prompt must differ)."""
+    return (int(seed) * 1_000_003 + row) % (2**63)

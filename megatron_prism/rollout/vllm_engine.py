@@ -1,37 +1,49 @@
-"""The vLLM rollout engine: a thin adapter from :class:`RolloutEngine` to a colocated ``vllm.LLM``.
+"""The vLLM rollout engine: a thin adapter from :class:`RolloutEngine` to an in-process ``vllm.LLM``
+(written against the released vllm 0.33.0 sources; ``file:function`` below are theirs).
 
 vLLM is a GPU-only, optional dependency (the ``[vllm]`` extra) and is imported lazily: this module
 imports anywhere, constructing the adapter without vllm or CUDA fails at once with the fix in the
 message, and the ``vllm.LLM`` is started on first use.
 
+Placement (as verl's SPMD rollout does): every rank of an engine group runs its own ``vllm.LLM``
+in-process with ``distributed_executor_backend="external_launcher"`` (``v1/executor/
+uniproc_executor.py:ExecutorWithExternalLauncher``: device from ``LOCAL_RANK``, the ranks of one
+vLLM TP group run the same prompts; it needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which
+``launch`` sets). ``data_parallel_size`` is the number of engines, so that vLLM's world
+(``config/parallel.py:ParallelConfig.__post_init__``: tp x dp) is torchrun's.
+
 How the interface maps onto vLLM's offline API:
 
-* ``generate`` -> ``LLM.generate(prompts, vllm.SamplingParams(...))`` with one prompt per request:
-  ``{"prompt_token_ids": prompt_ids}`` plus, for images, ``multi_modal_data={"image":
-  {"pixel_values": ..., "image_grid_thw": ...}}`` (pre-processed inputs; ``prompt_ids`` already hold
-  the expanded image pads). ``n``/``temperature``/``top_p``/``top_k``/``max_new_tokens``/
-  ``stop_ids``/``seed`` -> ``n``/``temperature``/``top_p``/``top_k``/``max_tokens``/
-  ``stop_token_ids``/``seed``, with ``logprobs=0`` (the sampled token's log-prob only) and
-  ``detokenize=False``. Back: each ``CompletionOutput`` (sorted by ``index``) gives ``token_ids``,
-  ``logprobs[i][token_ids[i]].logprob`` and ``finish_reason`` (``stop``/``length``). The engine is
-  started with ``logprobs_mode="processed_logprobs"`` (vLLM >= 0.10.2) so that the log-probs are
-  those of the sampling distribution (after temperature / top-p / top-k), as the interface says.
-* ``release_memory`` -> ``LLM.sleep(level=sleep_level)``: vLLM releases weights and KV cache
-  together, so only a release of both tags is accepted. Level 1 keeps a CPU copy of the weights,
-  level 2 drops them (cheaper when a full weight update follows anyway).
-* ``resume_memory(tags)`` -> ``LLM.wake_up(tags=[...])`` for the released tags among ``tags``
-  (``"weights"`` first in the colocated sync, so the KV cache is only allocated after the update).
-* ``update_weights(buckets, version)`` -> per bucket, ``LLM.collective_rpc(fn, args=(bucket,))``
-  where ``fn(worker, bucket)`` calls the worker's ``model_runner`` model ``load_weights(bucket)``
-  (HF names; vLLM's Qwen3-VL loader maps them and skips ``lm_head`` when tied). With the in-process
-  executor (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` or the ``external_launcher`` backend) this is a
-  direct call on the same device; with worker processes the bucket is pickled to each worker.
-  The prefix cache is reset afterwards (``reset_prefix_cache``), or once the KV cache is resumed.
-  vLLM keeps no weight version, so the adapter keeps it.
+* ``launch`` -> ``vllm.LLM(model=config_dir, load_format="dummy", gpu_memory_utilization=
+  rollout.gpu_memory_fraction, ...)``: the fraction is of total memory, as vLLM means it
+  (``v1/worker/utils.py:request_memory``); the tokenizer is kept (vLLM's multimodal processor
+  needs it).
+* ``generate`` -> ``LLM.generate(prompts, vllm.SamplingParams(...))``, one ``TokensPrompt`` per
+  request. Images go as PIL images rebuilt exactly from the request's pixel values
+  (``data.images.unpatchify``) with a prompt whose image placeholders are *not* expanded (vLLM
+  expands each ``<|image_pad|>`` itself), and ``mm_processor_kwargs`` min/max pixels that make
+  the HF processor keep each image's size (transformers' ``smart_resize`` leaves a size that is
+  a multiple of the factor and within the bounds). ``n``/``temperature``/``top_p``/``top_k``/
+  ``max_new_tokens``/``stop_ids``/``seed``/``banned_ids`` -> ``n``/``temperature``/``top_p``/
+  ``top_k``/``max_tokens``/``stop_token_ids``/``seed``/``logit_bias`` of -1e9, with ``logprobs=0``
+  (the sampled token's log-prob) and ``detokenize=False``. The engine runs with
+  ``logprobs_mode="processed_logprobs"`` so the log-probs are those of the sampling distribution.
+* ``release_memory`` -> ``LLM.sleep(level)``: vLLM releases weights and KV cache together, so
+  only a release of both tags is accepted (level 1 keeps a CPU copy of the weights, level 2,
+  the default here, drops them: a full update follows anyway). ``resume_memory(tags)`` ->
+  ``LLM.wake_up(tags=[...])`` for the released ones, ``weights`` first in the colocated sync;
+  the scheduler resumes once both are back (``v1/engine/core.py:EngineCore.wake_up``).
+* ``update_weights(buckets)`` -> the in-process model's ``load_weights(bucket)`` on the CUDA
+  tensors themselves (``llm.llm_engine.model_executor.driver_worker.worker.model_runner
+  .get_model()``; no ``collective_rpc`` with a pickled function, which vLLM refuses without
+  ``VLLM_ALLOW_INSECURE_SERIALIZATION`` and which copies every tensor through the host). vLLM's
+  Qwen3-VL loader maps the HF names and takes each rank's TP shard. The prefix cache is reset
+  afterwards, or once the KV cache is resumed. vLLM keeps no weight version; the adapter does.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -46,16 +58,23 @@ from megatron_prism.rollout.interface import (
     check_memory_tags,
     register_engine,
 )
-from megatron_prism.rollout.sglang_engine import require_gpu_package
+from megatron_prism.rollout.sglang_engine import BANNED_LOGIT_BIAS, require_gpu_package
 
 
-def load_weights_on_worker(worker: Any, named_tensors: list) -> int:
-    """Runs inside each vLLM worker (through ``collective_rpc``): loads HF-named tensors into
-    the worker's model. Module-level so that vLLM can pickle it by reference."""
-    runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    model.load_weights(weights=list(named_tensors))
-    return len(named_tensors)
+def in_process_model(llm: Any) -> Any:
+    """The ``nn.Module`` of an in-process ``vllm.LLM`` (uniproc / external_launcher executor)."""
+    executor = llm.llm_engine.model_executor
+    return executor.driver_worker.worker.model_runner.get_model()
+
+
+def collapse_image_pads(prompt_ids: Sequence[int], image_token_id: int) -> list[int]:
+    """Each run of ``<|image_pad|>`` -> one pad (vLLM expands the placeholder per image itself)."""
+    out: list[int] = []
+    for token in prompt_ids:
+        if token == image_token_id and out and out[-1] == image_token_id:
+            continue
+        out.append(int(token))
+    return out
 
 
 @register_engine("vllm")
@@ -63,9 +82,11 @@ class VLLMEngine(RolloutEngine):
     """A colocated vLLM engine behind the rollout interface (see the module docstring).
 
     ``engine_kwargs`` go to ``vllm.LLM`` over the defaults built here (a value of None removes a
-    default, e.g. ``{"logprobs_mode": None}`` for vLLM releases without it); ``llm`` replaces the
-    ``vllm.LLM`` altogether (an already started one, or a test double that records calls).
-    """
+    default); ``llm`` replaces the ``vllm.LLM`` altogether (an already started one, or a
+    recording double in the tests). ``images``: the ``data.images.ImageSettings`` used to rebuild
+    request images (None: text-only requests)."""
+
+    spmd = True
 
     def __init__(
         self,
@@ -75,9 +96,11 @@ class VLLMEngine(RolloutEngine):
         gpu_memory_utilization: float = 0.5,
         dtype: str = "bfloat16",
         seed: int = 0,
-        sleep_level: int = 1,
+        sleep_level: int = 2,
         engine_kwargs: dict | None = None,
         llm: Any = None,
+        image_token_id: int | None = None,
+        images: Any = None,
     ) -> None:
         if llm is None:
             require_gpu_package("vllm", "vllm", "VLLMEngine")
@@ -86,10 +109,11 @@ class VLLMEngine(RolloutEngine):
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 (offload weights to CPU) or 2 (discard them), got {sleep_level}")
         self.sleep_level = sleep_level
+        self.image_token_id = image_token_id
+        self.images = images
         kwargs: dict[str, Any] = dict(
             model=str(model_path), tensor_parallel_size=tp_size, gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype, seed=seed, enable_sleep_mode=True, skip_tokenizer_init=True,
-            logprobs_mode="processed_logprobs",
+            dtype=dtype, seed=seed, enable_sleep_mode=True, logprobs_mode="processed_logprobs",
         )
         kwargs.update(engine_kwargs or {})
         self._kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -97,6 +121,29 @@ class VLLMEngine(RolloutEngine):
         self._released: set[str] = set()
         self._needs_reset = False
         self._version: int | None = None
+
+    @classmethod
+    def launch(cls, config_dir, placement, device) -> VLLMEngine:
+        """This rank's in-process engine (external launcher), dummy weights, sized from total memory."""
+        import torch
+
+        from megatron_prism.data.images import settings_for_model
+        from megatron_prism.models.qwen3vl.config import read_hf_config
+        from megatron_prism.rollout.placement import check_free_memory
+
+        require_gpu_package("vllm", "vllm", "VLLMEngine")
+        free, total = torch.cuda.mem_get_info(device)
+        check_free_memory(placement.memory_fraction, free, total)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # required by the external launcher
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        hf = read_hf_config(config_dir)
+        vc = hf.vision_config
+        images = settings_for_model(config_dir, patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+                                    temporal_patch_size=vc.temporal_patch_size)
+        return cls(str(config_dir), tp_size=placement.tp, gpu_memory_utilization=placement.memory_fraction,
+                   seed=placement.seed, image_token_id=hf.image_token_id, images=images,
+                   engine_kwargs=dict(load_format="dummy", distributed_executor_backend="external_launcher",
+                                      data_parallel_size=max(world // placement.tp, 1)))
 
     @property
     def llm(self) -> Any:
@@ -111,24 +158,40 @@ class VLLMEngine(RolloutEngine):
     def weight_version(self) -> int | None:
         return self._version
 
+    def _sampling_params(self, sampling: SamplingParams) -> Any:
+        import vllm
+
+        return vllm.SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens, stop_token_ids=list(sampling.stop_ids), seed=sampling.seed,
+            logit_bias={int(t): BANNED_LOGIT_BIAS for t in sampling.banned_ids} or None,
+            logprobs=0, detokenize=False,
+        )
+
+    def prompt(self, req: GenerationRequest) -> dict[str, Any]:
+        """The ``TokensPrompt`` of one request (see the module docstring)."""
+        if req.pixel_values is None:
+            return {"prompt_token_ids": list(req.prompt_ids)}
+        from megatron_prism.data.images import tokens_per_image, unpatchify
+
+        if self.images is None or self.image_token_id is None:
+            raise ValueError("VLLMEngine got an image request but knows no image settings (start it with launch)")
+        grids = req.image_grid_thw.reshape(-1, 3)
+        sizes = tokens_per_image(grids, self.images)
+        pieces = req.pixel_values.split([int(g.prod()) for g in grids])
+        pictures = [unpatchify(pv, g.tolist(), self.images) for pv, g in zip(pieces, grids)]
+        areas = [p.width * p.height for p in pictures]
+        if sum(1 for t in req.prompt_ids if t == self.image_token_id) != sum(sizes):
+            raise ValueError(f"request {req.request_id!r}: its image pads do not match its images' grids")
+        return {"prompt_token_ids": collapse_image_pads(req.prompt_ids, self.image_token_id),
+                "multi_modal_data": {"image": pictures},
+                "mm_processor_kwargs": {"min_pixels": min(areas), "max_pixels": max(areas)}}
+
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationResult]:
         if self._released:
             raise RuntimeError(f"generate called while {sorted(self._released)} are released; resume_memory() first")
-        import vllm
-
-        params = vllm.SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            max_tokens=sampling.max_new_tokens, stop_token_ids=list(sampling.stop_ids), seed=sampling.seed,
-            logprobs=0, detokenize=False,
-        )
-        prompts = []
-        for req in requests:
-            prompt: dict[str, Any] = {"prompt_token_ids": list(req.prompt_ids)}
-            if req.pixel_values is not None:
-                prompt["multi_modal_data"] = {"image": {"pixel_values": req.pixel_values,
-                                                        "image_grid_thw": req.image_grid_thw}}
-            prompts.append(prompt)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        params = self._sampling_params(sampling)
+        outputs = self.llm.generate([self.prompt(r) for r in requests], params, use_tqdm=False)
         results = []
         for req, out in zip(requests, outputs):
             for sample in sorted(out.outputs, key=lambda c: c.index):
@@ -168,9 +231,9 @@ class VLLMEngine(RolloutEngine):
         if "weights" in self._released:
             raise RuntimeError("update_weights called while the engine's weights are released; "
                                "resume_memory(['weights']) first")
-        llm = self.llm
+        model = in_process_model(self.llm)
         for bucket in buckets:
-            llm.collective_rpc(load_weights_on_worker, args=(list(bucket),))
+            model.load_weights(weights=list(bucket))
         self._version = version
         self._needs_reset = True
         if "kv_cache" not in self._released:

@@ -261,8 +261,10 @@ class FlatBucket:
         return out
 
 
-def flatten(bucket: Sequence[NamedTensor]) -> FlatBucket:
-    """Pack ``bucket`` into a :class:`FlatBucket` (one copy of the data, on the tensors' device)."""
+def flatten(bucket: Sequence[NamedTensor], *, as_bytes: bool = False) -> FlatBucket:
+    """Pack ``bucket`` into a :class:`FlatBucket` (one copy of the data, on the tensors' device).
+    ``as_bytes``: pack as raw bytes even when the bucket has one dtype (SGLang 0.5.23's
+    ``FlattenedTensorBucket`` is a uint8 buffer with byte offsets for any mix of dtypes)."""
     if not bucket:
         raise ValueError("cannot flatten an empty bucket")
     devices = {t.device for _, t in bucket}
@@ -270,7 +272,7 @@ def flatten(bucket: Sequence[NamedTensor]) -> FlatBucket:
         raise ValueError(f"a bucket's tensors must share one device, got {sorted(map(str, devices))}")
     dtypes = {t.dtype for _, t in bucket}
     entries: list[FlatEntry] = []
-    if len(dtypes) == 1:
+    if len(dtypes) == 1 and not as_bytes:
         offset = 0
         for name, t in bucket:
             entries.append(FlatEntry(name, t.dtype, tuple(t.shape), offset, t.numel()))

@@ -21,7 +21,9 @@ from megatron_prism.eval.evaluate import EvalReport, evaluate
 from megatron_prism.eval.scoring import RewardScorer, scorer_from
 from megatron_prism.rewards import get_reward
 from megatron_prism.rollout import SamplingParams
-from megatron_prism.stages.common import RolloutClient, banned_ids, decode_responses, input_processor, prompt_requests
+from megatron_prism.rollout.client import RolloutClient
+from megatron_prism.stages.common import (banned_ids, decode_responses, engine_settings, input_processor,
+                                         prompt_requests)
 from megatron_prism.training.runtime import PolicyRuntime
 
 
@@ -49,7 +51,7 @@ def evaluate_checkpoint(cfg: PrismConfig, checkpoint: str | Path, *, benchmarks:
     init_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, seed=cfg.run.seed)
     runtime = PolicyRuntime.build(checkpoint, cfg.model, p, None, total_steps=1, seed=cfg.run.seed, trainable=False)
     processor = input_processor(runtime.source, cfg.data)
-    client = RolloutClient(cfg.rollout.engine, runtime.source, Path(cfg.model.hf_dir) if cfg.model.hf_dir else None)
+    client = RolloutClient(engine_settings(cfg), runtime.source)
     client.sync(runtime)
     banned = banned_ids(processor, runtime.hf_config)
 

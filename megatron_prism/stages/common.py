@@ -1,23 +1,14 @@
-"""Parts the stages share on top of ``training``: input processing, the rollout engine and its
-weight sync, and held-out evaluation.
-
-The rollout engine lives on the export-destination rank of each model-parallel group (TP rank 0
-of the first pipeline stage, see ``rollout.weight_sync``); it generates for its data-parallel
-replica and the results are broadcast to the other ranks of the model-parallel group, so every
-rank continues with the same responses.
+"""Parts the stages share on top of ``training``: input processing, the rollout client made from
+the config (the client itself, its placement and lifecycle live in ``rollout.client``), and
+held-out evaluation.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from megatron_prism.config.schema import DataConfig
 from megatron_prism.data import chat
@@ -27,8 +18,8 @@ from megatron_prism.data.processing import InputProcessor, load_tokenizer
 from megatron_prism.data.records import Record, RecordError
 from megatron_prism.models.qwen3vl.config import read_hf_config
 from megatron_prism.rewards import get_reward
-from megatron_prism.rollout import ENGINES, GenerationRequest, GenerationResult, SamplingParams
-from megatron_prism.rollout.weight_sync import is_export_destination, sync_weights
+from megatron_prism.rollout import GenerationRequest, GenerationResult, SamplingParams
+from megatron_prism.rollout.client import EngineSettings, RolloutClient
 
 log = logging.getLogger(__name__)
 
@@ -44,66 +35,6 @@ def input_processor(model_dir: str | Path, data: DataConfig) -> InputProcessor:
     processor = InputProcessor(load_tokenizer(model_dir), images, max_length=data.max_seq_len)
     processor.pad_id = processor.tokenizer.pad_token_id or 0
     return processor
-
-
-def _broadcast_from_destination(obj: Any) -> Any:
-    """Sends ``obj`` from the model-parallel group's export destination to its other ranks."""
-    if not dist.is_initialized() or dist.get_world_size(ps.get_model_parallel_group()) == 1:
-        return obj
-    group = ps.get_model_parallel_group()
-    src = dist.get_global_rank(group, 0)  # TP rank 0 of PP stage 0 is model-parallel rank 0
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
-
-
-class RolloutClient:
-    """The stages' handle on the engine: weight sync and generation shared over the MP group.
-
-    The embedded engine is created at the first sync from the streamed weights themselves (it
-    needs only the config directory), so it works from any checkpoint. Server engines (SGLang,
-    vLLM) start from HF weights on disk, ``weights_dir``, and are then updated in place.
-    """
-
-    def __init__(self, engine_name: str, config_dir: Path, weights_dir: Path | None = None) -> None:
-        self.engine_name = engine_name
-        self.config_dir = Path(config_dir)
-        self.weights_dir = weights_dir
-        self.engine = None
-        self.version = 0
-        self.last_sync: dict[str, float] = {}
-
-    def sync(self, runtime) -> dict[str, float]:
-        """Stream the policy's current weights to the engine (collective over the MP group)."""
-        self.version += 1
-        if self.engine is None and self.engine_name == "embedded":
-            from megatron_prism.rollout.weight_sync import export_hf_weights
-
-            start = time.perf_counter()
-            weights = {n: t.detach().clone() for n, t in export_hf_weights(runtime.chunks, runtime.hf_config,
-                                                                             dst_rank_only=True)}
-            if is_export_destination():
-                # Building the engine's model draws random initial weights (then replaced): keep
-                # that off the training RNG, or a resumed run, which creates its engine later than
-                # the uninterrupted one, would draw different dropout masks afterwards.
-                with torch.random.fork_rng(devices=[]):
-                    self.engine = ENGINES.get("embedded")(weights, config=self.config_dir)
-            self.last_sync = {"seconds": time.perf_counter() - start}
-            return self.last_sync
-        if self.engine is None and is_export_destination():
-            if self.weights_dir is None:
-                raise ValueError(f"rollout engine {self.engine_name!r} starts from HF weights on disk; set model.hf_dir")
-            self.engine = ENGINES.get(self.engine_name)(self.weights_dir)
-        self.last_sync = sync_weights(self.engine, runtime.chunks, runtime.hf_config, version=self.version)
-        return self.last_sync
-
-    def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationResult]:
-        results = self.engine.generate(requests, sampling) if self.engine is not None else None
-        return _broadcast_from_destination(results)
-
-    def shutdown(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
 
 
 def banned_ids(processor: InputProcessor, hf_config) -> list[int]:
@@ -141,12 +72,17 @@ def score(reward_name: str, responses: Sequence[str], records: Sequence[Record])
             for resp, rec in zip(responses, records)]
 
 
-def _hf_weights_dir(ctx) -> Path | None:
-    return Path(ctx.cfg.model.hf_dir) if ctx.cfg.model.hf_dir else None
+def engine_settings(cfg) -> EngineSettings:
+    """The client's settings from ``rollout.*`` (and the run's seed)."""
+    ro = cfg.rollout
+    return EngineSettings(engine=ro.engine, gpu_memory_fraction=ro.gpu_memory_fraction, tp=ro.tp,
+                          port_base=ro.port_base, wait_timeout_s=ro.wait_timeout_s, seed=cfg.run.seed)
 
 
 def make_client(ctx, runtime) -> RolloutClient:
-    return RolloutClient(ctx.cfg.rollout.engine, runtime.source, _hf_weights_dir(ctx))
+    """The rollout client; its engine starts from the config and tokenizer of the runtime's
+    checkpoint (``runtime.source``) with dummy weights, so no HF weights on disk are needed."""
+    return RolloutClient(engine_settings(ctx.cfg), runtime.source)
 
 
 def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, client: RolloutClient | None = None,
@@ -159,7 +95,7 @@ def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, clien
                                 "eval", strict=not ctx.cfg.data.lenient)
     records = records[:max_items]
     own_client = client is None
-    client = client or RolloutClient(ro.engine, runtime.source, _hf_weights_dir(ctx))
+    client = client or make_client(ctx, runtime)
     n = ro.val_n if ro.val_temperature > 0 else 1  # greedy samples would all be the same
     try:
         client.sync(runtime)

@@ -20,7 +20,8 @@ from megatron_prism.data.processing import InputProcessor
 from megatron_prism.data.records import Record, RecordError
 from megatron_prism.models.discriminator import ScoreBatch, ScoreItem, is_discriminator_checkpoint, upcycle_to_checkpoint
 from megatron_prism.rollout import GenerationRequest, GenerationResult, SamplingParams
-from megatron_prism.stages.common import RolloutClient, banned_ids, prompt_requests
+from megatron_prism.rollout.client import RolloutClient
+from megatron_prism.stages.common import banned_ids, prompt_requests
 from megatron_prism.stages.policy_update import dp_sum, rollout_seed
 from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime, PairLossFn, disc_spec
 from megatron_prism.training.loop import StageContext

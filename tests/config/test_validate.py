@@ -64,6 +64,9 @@ CASES = [
     ("rollout.top_p=1.5", "rollout.top_p", "must lie in (0, 1]"),
     ("rollout.top_k=0", "rollout.top_k", "-1 (off) or at least 1"),
     ("rollout.gpu_memory_fraction=1.0", "rollout.gpu_memory_fraction", "must lie in (0, 1)"),
+    ("rollout.gpu_memory_fraction=0", "rollout.gpu_memory_fraction", "must lie in (0, 1)"),
+    ("rollout.tp=0", "rollout.tp", "must be at least 1"),
+    ("rollout.wait_timeout_s=0", "rollout.wait_timeout_s", "must be at least 1"),
     ("rollout.n=1", "rollout.n", "use at least 2"),
     ("optim.lr=-1e-3", "optim.lr", "must be at least 0"),
     ("optim.adam_beta2=1.0", "optim.adam_beta2", "must lie in [0, 1)"),
@@ -114,9 +117,19 @@ def test_an_unknown_engine_is_one_problem_not_two():
     assert len(_problems(["rollout.engine=vllmm"])) == 1
 
 
-def test_a_gpu_engine_needs_hf_weights_on_disk():
-    (line,) = _problems(["rollout.engine=sglang"])
-    assert "set model.hf_dir" in line
+def test_a_gpu_engine_needs_no_hf_weights_on_disk():
+    """Engines start from the checkpoint's config with dummy weights (the Slurm recipe passes
+    model.hf_dir=null), so a GPU engine with no model.hf_dir breaks no rule."""
+    assert _problems(["rollout.engine=sglang"]) == []
+    assert _problems(["rollout.engine=vllm", "model.hf_dir=null"]) == []
+
+
+def test_rollout_tp_must_divide_the_ranks_and_hold_whole_model_parallel_groups():
+    (line,) = _problems(["rollout.tp=3"], world_size=4)
+    assert "rollout.tp" in line and "does not divide the 4 ranks" in line
+    (line,) = _problems(["rollout.tp=2", "parallel.pp=2"], world_size=4)
+    assert "rollout.tp" in line and "multiple of parallel.tp" in line
+    assert _problems(["rollout.tp=2", "parallel.tp=2"], world_size=4) == []
 
 
 def test_a_disabled_stage_is_not_checked_for_steps_or_data():

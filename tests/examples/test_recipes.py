@@ -210,3 +210,18 @@ def test_sbatch_usr1_before_the_time_limit_checkpoints_requeues_and_finishes_the
     assert "SIGUSR1" in first and "stop requested: the trainer checkpointed" in first
     assert re.search(r"(sft|rlvr): resumed from .*/checkpoints/step_0*[1-9]", second), second[-3000:]
     assert _normalised_report(out / "run") == _normalised_report(reference_run / "run")
+
+
+def test_container_mode_mounts_every_path_a_command_names(tmp_path):
+    env = _env(tmp_path, PRISM_CONTAINER="/images/prism.sqsh")
+    env.pop("PRISM_VENV")
+    proc = subprocess.run(["bash", "examples/run_prism_8b.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    runs = [line for line in proc.stdout.splitlines() if "megatron_prism.cli run" in line]
+    assert len(runs) == 5
+    (mounts,) = {m.group(1) for line in runs if (m := re.search(r"--container-mounts=(\S+)", line))}
+    mounted = {pair.split(":")[0] for pair in mounts.split(",")}
+    assert mounted == {str(tmp_path / "out"), str(tmp_path / "data"), str(tmp_path / "Qwen3-VL-8B-Instruct"),
+                       str(tmp_path / "Qwen3-VL-2B-Instruct"), str(ROOT)}
+    assert all(f"--container-workdir={ROOT}" in line and "--container-image=/images/prism.sqsh" in line for line in runs)

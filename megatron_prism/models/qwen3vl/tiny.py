@@ -84,10 +84,37 @@ PIPELINE_SHAPE = dict(
 )
 
 
-def save_tiny_for_tokenizer(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0) -> Path:
+#: A model real GPU engines accept: head_dim 64 (the smallest their attention kernels take), bf16,
+#: KV heads that split over TP 2, the vision tower's 16-pixel patches (Qwen3-VL's own).
+GPU_ENGINE_SHAPE = dict(
+    text=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=64,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                               "mrope_section": [16, 8, 8], "mrope_interleaved": True}),
+    vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, patch_size=16,
+                temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=256,
+                num_position_embeddings=64, deepstack_visual_indexes=[0]),
+)
+
+
+def preprocessor_config(vision: dict, min_pixels: int = 64 * 32 * 32, max_pixels: int = 256 * 32 * 32) -> dict:
+    """A Qwen3-VL ``preprocessor_config.json`` for a vision tower (SGLang and vLLM build the HF
+    processor of a multimodal model from it)."""
+    return {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
+            "patch_size": vision["patch_size"], "merge_size": vision["spatial_merge_size"],
+            "temporal_patch_size": vision["temporal_patch_size"],
+            "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_resize": True,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True}
+
+
+def save_tiny_for_tokenizer(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, *,
+                            shape: dict = PIPELINE_SHAPE, dtype: torch.dtype = torch.float32,
+                            with_preprocessor: bool = False) -> Path:
     """A tiny random Qwen3-VL sized to a tokenizer (vocab rounded up to a multiple of 64, so any
     TP up to 64 divides it), with the tokenizer's vision-token ids and its files copied in, so the
-    directory is a complete model (weights + config + tokenizer) like a released checkpoint."""
+    directory is a complete model (weights + config + tokenizer) like a released checkpoint.
+    ``shape``: e.g. :data:`GPU_ENGINE_SHAPE`; ``with_preprocessor`` adds a preprocessor_config.json."""
     import shutil
 
     from transformers import AutoTokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -97,16 +124,20 @@ def save_tiny_for_tokenizer(out_dir: str | Path, tokenizer_dir: str | Path, seed
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     vocab = -(-len(tok) // 64) * 64
-    text = dict(PIPELINE_SHAPE["text"], vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=4096,
+    text = dict(shape["text"], vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=4096,
                 hidden_act="silu", bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                 pad_token_id=tok.pad_token_id)
-    config = Qwen3VLConfig(text_config=text, vision_config=dict(PIPELINE_SHAPE["vision"]),
+    config = Qwen3VLConfig(text_config=text, vision_config=dict(shape["vision"]),
                            tie_word_embeddings=False, **ids)
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config)
+    model = Qwen3VLForConditionalGeneration(config).to(dtype)
     out = Path(out_dir)
     model.save_pretrained(out)
     for f in Path(tokenizer_dir).iterdir():
         if f.is_file():
             shutil.copy2(f, out / f.name)
+    if with_preprocessor:
+        import json
+
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(shape["vision"]), indent=2) + "\n")
     return out

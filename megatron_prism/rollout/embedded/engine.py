@@ -48,17 +48,18 @@ from megatron_prism.rollout.interface import (
 class EmbeddedEngine(RolloutEngine):
     """Batched Qwen3-VL generation with our own text decoder and HF's vision tower.
 
-    ``model``: a HF directory (config + safetensors) or a mapping of HF-named tensors (then
-    ``config`` -- a ``Qwen3VLConfig`` or a directory holding one -- is required). ``dtype``
+    ``model``: a HF directory (config + safetensors), a mapping of HF-named tensors, or None for
+    an engine whose weights all come with the first ``update_weights`` (``launch``); with a
+    mapping or None, ``config`` -- a ``Qwen3VLConfig`` or a directory holding one -- is required. ``dtype``
     defaults to the config's ``dtype`` on GPU and float32 on CPU. ``max_batch_rows`` bounds the
     sample rows (requests x n) decoded together, hence the KV cache size.
     """
 
-    def __init__(self, model: str | Path | Mapping[str, Tensor], config=None, *, device: str | torch.device = "cpu",
+    def __init__(self, model: str | Path | Mapping[str, Tensor] | None, config=None, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, max_batch_rows: int = 256, num_threads: int | None = None) -> None:
         if config is None:
-            if isinstance(model, Mapping):
-                raise ValueError("a config is required when the weights are given as a dict")
+            if model is None or isinstance(model, Mapping):
+                raise ValueError("a config is required when the weights are given as a dict or not at all")
             config = load_hf_config(model)
         elif isinstance(config, (str, Path)):
             config = load_hf_config(config)
@@ -81,13 +82,26 @@ class EmbeddedEngine(RolloutEngine):
         self.vocab = config.text_config.vocab_size
         self.weights = Qwen3VLWeights(config, self.device, dtype)
         self.decoder = Decoder(config, self.weights, self.device)
-        self.weights.load(read_hf_tensors(model) if not isinstance(model, Mapping) else model)
-        if self.weights.missing:
+        if model is not None:
+            self.weights.load(read_hf_tensors(model) if not isinstance(model, Mapping) else model)
+        if model is not None and self.weights.missing:
             raise KeyError(f"the checkpoint lacks {len(self.weights.missing)} weights, e.g. "
                            f"{sorted(self.weights.missing)[:5]}")
         self._version: int | None = None
         self._cache: Tensor | None = None
         self._kv_released = False
+
+    @classmethod
+    def launch(cls, config_dir: Path, placement, device: torch.device) -> EmbeddedEngine:
+        """An engine on ``device`` (the rank's own GPU, or the CPU) whose weights all come with the
+        first sync; ``placement``'s memory fraction and ports do not apply to it."""
+        return cls(None, config=config_dir, device=device)
+
+    def resident_bytes(self) -> int:
+        """Bytes the engine holds now: its weights' storages and its KV cache."""
+        weights = sum(storage.nbytes() for storage, _ in self.weights._storages)
+        cache = self._cache.untyped_storage().nbytes() if self._cache is not None else 0
+        return weights + cache
 
     # --- interface: weights and memory ---------------------------------------------------------
     @property
