@@ -9,7 +9,7 @@ that dies after SFT:
 * every **size and ratio** against its range (``parallel.tp=0``, ``stages.sft.steps=-3``,
   ``rollout.top_p=1.5``, ``data.synth_sizes=sft=abc``);
 * **cross-key rules**: virtual pipeline needs ``pp > 1``; TP divides the attention and KV heads
-  (and the vocabulary and MLP), PP x VPP the layers, EP the discriminator's experts and the
+  (and the MLP; the vocabulary is padded), PP x VPP the layers, EP the discriminator's experts and the
   data-parallel size; a rollout engine of its own TP divides the ranks; and, for a known number of
   ranks, every training stage's global batch splits into whole micro-batches on every
   data-parallel rank (:func:`largest_useful_dp` says how far a stage's batch can be spread);
@@ -336,8 +336,8 @@ def _layout(c: _Check, world_size: int | None, *, batches: bool) -> None:
     shape = _policy_shape(c)
     if shape is not None:
         t = shape.text
-        for what, count in (("attention heads", t.heads), ("KV heads", t.kv_heads), ("vocabulary", t.vocab),
-                            ("MLP width", t.ffn)):
+        # (the vocabulary need not divide: it is padded to a multiple of TP, as megatron does)
+        for what, count in (("attention heads", t.heads), ("KV heads", t.kv_heads), ("MLP width", t.ffn)):
             if count % p.tp:
                 c.fail("parallel.tp", f"does not divide the policy's {count} {what} ({shape.name}); choose a divisor "
                                       f"of {count}")

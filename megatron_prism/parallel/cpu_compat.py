@@ -181,6 +181,35 @@ def install() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def distributed_optimizer_types():
+    """While megatron builds its distributed optimizer on a CPU: report host float tensors under
+    their CUDA type names.
+
+    megatron-core 0.16.1's ``DistributedOptimizer._build_model_and_main_param_groups`` sorts the
+    model's parameters by ``param.type()`` and refuses anything but ``torch.cuda.{Float,Half,
+    BFloat16}Tensor``. Nothing else in it needs CUDA (its reduce-scatter / all-gather run on gloo
+    and its allocations go through ``torch.cuda.current_device()``, redirected by :func:`install`),
+    so for that one construction a CPU ``FloatTensor`` answers as a CUDA one. A no-op with a GPU.
+    """
+    if not on_cpu():
+        yield
+        return
+    names = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+             "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+    original = torch.Tensor.type
+
+    def type_name(self, *args: Any, **kwargs: Any):
+        out = original(self, *args, **kwargs)
+        return names.get(out, out) if not args and not kwargs else out
+
+    torch.Tensor.type = type_name  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
+
+
 def transformer_config_overrides() -> dict[str, Any]:
     """TransformerConfig fields that must differ on a CPU.
 

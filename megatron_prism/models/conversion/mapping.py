@@ -13,6 +13,12 @@ Split kinds:
   the groups across ranks;
 * ``gate_up``: megatron packs SwiGLU's gate and up projections, each split across ranks, as
   ``[gate_r; up_r]`` on rank r.
+
+Vocabulary padding, as megatron does it: the embedding and output layer hold
+:func:`padded_vocab_size` rows (a multiple of ``VOCAB_DIVISIBLE_BY`` x TP), so any TP divides them.
+``shard`` appends zero rows after the real vocabulary and ``unshard`` drops them again, so the
+padding never leaves the megatron side (HF files and engine weight syncs have the real vocabulary)
+and a checkpoint reshards to another TP through the real rows.
 """
 
 from __future__ import annotations
@@ -24,6 +30,16 @@ import torch
 LM = "model.language_model"
 VISION_HF = "model.visual."
 VISION_MEGATRON = "vision.model."
+# megatron's --make-vocab-size-divisible-by default: the padded vocabulary is a multiple of this x TP
+VOCAB_DIVISIBLE_BY = 128
+
+
+def padded_vocab_size(vocab: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    """The rows megatron's embedding / output layer hold for ``vocab`` real tokens at TP ``tp``."""
+    if vocab < 1 or tp < 1 or divisible_by < 1:
+        raise ValueError(f"vocab, tp and divisible_by must be >= 1, got {vocab}, {tp}, {divisible_by}")
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -37,11 +53,20 @@ class ParamMap:
     place: str = "layer"  # layer | first | last (pipeline stage that owns it)
     heads_per_group: int = 1
     head_dim: int = 1
+    vocab: int = 0  # real rows of a vocabulary-parallel ("rows") parameter, padded on the megatron side
 
     def shard(self, hf_tensors: list[torch.Tensor], tp_rank: int, tp_size: int) -> torch.Tensor:
         """The slice of this parameter that TP rank ``tp_rank`` of ``tp_size`` holds."""
         if self.split == "replicated":
             return hf_tensors[0]
+        if self.split == "rows" and self.vocab:
+            full = hf_tensors[0]
+            if full.shape[0] != self.vocab:
+                raise ValueError(f"{self.megatron}: {full.shape[0]} rows, the vocabulary has {self.vocab}")
+            pad = padded_vocab_size(self.vocab, tp_size) - self.vocab
+            if pad:
+                full = torch.cat([full, full.new_zeros(pad, *full.shape[1:])])
+            return full.chunk(tp_size, dim=0)[tp_rank]
         if self.split == "rows":
             return hf_tensors[0].chunk(tp_size, dim=0)[tp_rank]
         if self.split == "cols":
@@ -69,6 +94,8 @@ class ParamMap:
         """All TP ranks' shards (in rank order) -> the HF tensors, in ``self.hf`` order."""
         if self.split == "replicated":
             return [shards[0]]
+        if self.split == "rows" and self.vocab:
+            return [torch.cat(shards, dim=0)[: self.vocab]]
         if self.split == "rows":
             return [torch.cat(shards, dim=0)]
         if self.split == "cols":
@@ -93,7 +120,8 @@ def language_model_maps(hf_config) -> list[ParamMap]:
     hpg = tc.num_attention_heads // tc.num_key_value_heads
     hd = tc.head_dim
     maps = [
-        ParamMap("language_model.embedding.word_embeddings.weight", (f"{LM}.embed_tokens.weight",), "rows", place="first"),
+        ParamMap("language_model.embedding.word_embeddings.weight", (f"{LM}.embed_tokens.weight",), "rows",
+                 place="first", vocab=tc.vocab_size),
     ]
     for i in range(tc.num_hidden_layers):
         hf = f"{LM}.layers.{i}"
@@ -128,9 +156,11 @@ def language_model_maps(hf_config) -> list[ParamMap]:
     if hf_config.tie_word_embeddings:
         # With pipeline stages the last stage keeps its own copy of the tied embedding (megatron
         # keeps the two in sync); it is written from, and never written back to, embed_tokens.
-        maps.append(ParamMap("language_model.output_layer.weight", (f"{LM}.embed_tokens.weight",), "rows", place="last"))
+        maps.append(ParamMap("language_model.output_layer.weight", (f"{LM}.embed_tokens.weight",), "rows",
+                             place="last", vocab=tc.vocab_size))
     else:
-        maps.append(ParamMap("language_model.output_layer.weight", ("lm_head.weight",), "rows", place="last"))
+        maps.append(ParamMap("language_model.output_layer.weight", ("lm_head.weight",), "rows", place="last",
+                             vocab=tc.vocab_size))
     return maps
 
 

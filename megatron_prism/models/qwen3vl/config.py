@@ -59,12 +59,12 @@ def read_hf_config(hf_dir: str | Path):
 
 
 def check_layout(hf_config, tp: int, pp: int, vpp: int | None = None) -> None:
-    """Refuse a TP/PP layout that does not divide the model evenly."""
+    """Refuse a TP/PP layout that does not divide the model evenly (the vocabulary is padded to a
+    multiple of TP instead, as megatron does: conversion.mapping.padded_vocab_size)."""
     tc = hf_config.text_config
     checks = [
         ("num_attention_heads", tc.num_attention_heads, tp, "tensor-parallel size"),
         ("num_key_value_heads", tc.num_key_value_heads, tp, "tensor-parallel size"),
-        ("vocab_size", tc.vocab_size, tp, "tensor-parallel size"),
         ("intermediate_size", tc.intermediate_size, tp, "tensor-parallel size"),
         ("num_hidden_layers", tc.num_hidden_layers, pp * (vpp or 1), "pipeline stages x virtual stages"),
     ]

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
 from megatron_prism.models.common.token_logprobs import TokenLogProbs, token_logprobs
+from megatron_prism.models.conversion.mapping import padded_vocab_size
 from megatron_prism.models.qwen3vl.rope import InterleavedMRoPE, mrope_position_ids
 from megatron_prism.models.qwen3vl.spec import final_norm_spec, qwen3vl_layer_spec
 from megatron_prism.models.qwen3vl.vision import Qwen3VLVisionTower
@@ -42,8 +43,11 @@ class Qwen3VLLanguageModel(GPTModel):
     """GPTModel with Qwen3-VL's interleaved MRoPE, able to stop before the output layer or to
     replace it by the fused log-prob head."""
 
-    def __init__(self, config: TransformerConfig, *, rotary_base: float, **kwargs) -> None:
+    def __init__(self, config: TransformerConfig, *, rotary_base: float, real_vocab_size: int, **kwargs) -> None:
+        """``vocab_size`` (megatron's) is the padded vocabulary; ``real_vocab_size`` the model's own:
+        padded rows are left out of log-probs and entropy, and sliced off returned logits."""
         super().__init__(config=config, position_embedding_type="mrope", rotary_base=rotary_base, **kwargs)
+        self.real_vocab_size = real_vocab_size
         # Swap megatron's Qwen2-VL (sectioned) MRoPE for the interleaved layout of Qwen3-VL.
         self.rotary_pos_emb = InterleavedMRoPE(config.kv_channels, rotary_base, config.mrope_section)
         self._emit_hidden = False
@@ -67,6 +71,7 @@ class Qwen3VLLanguageModel(GPTModel):
             return token_logprobs(
                 hidden_states, weight, self._head.targets, sequence_parallel=self.config.sequence_parallel,
                 with_entropy=self._head.with_entropy, backend=self._head.backend,
+                vocab_size=self.real_vocab_size if self.real_vocab_size < self.vocab_size else None,
             )
         if self._emit_hidden == "local" and self.post_process:
             # [s, b, h] as this rank holds it (its sequence slice under SP): for callers that
@@ -78,7 +83,10 @@ class Qwen3VLLanguageModel(GPTModel):
                     hidden_states, tensor_parallel_output_grad=True
                 )
             return hidden_states.transpose(0, 1).contiguous()  # [b, s, h], final-normed
-        return super()._postprocess(hidden_states, *args, **kwargs)
+        logits = super()._postprocess(hidden_states, *args, **kwargs)
+        if self.post_process and self.real_vocab_size < self.vocab_size and logits.shape[-1] == self.vocab_size:
+            logits = logits[..., : self.real_vocab_size]  # gathered logits: the padding is no token
+        return logits
 
 
 def padding_attention_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
@@ -143,7 +151,8 @@ class Qwen3VLPolicy(MegatronModule):
             config,
             rotary_base=float(rope["rope_theta"]),
             transformer_layer_spec=block,
-            vocab_size=tc.vocab_size,
+            vocab_size=padded_vocab_size(tc.vocab_size, config.tensor_model_parallel_size),
+            real_vocab_size=tc.vocab_size,
             max_sequence_length=tc.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,

@@ -2,8 +2,9 @@
 
 They are what the embedded default and the test-suite run on: the same architecture as
 Qwen3-VL-4B/8B (GQA, QK-norm, interleaved MRoPE, DeepStack, the ViT tower), a few MB in size.
-Two shapes are provided so tests catch shape assumptions: ``a`` (untied, 4 layers, 2 DeepStack
-levels) and ``b`` (tied embeddings, wider heads, 1 DeepStack level, so 4 layers split into pp=2 x vpp=2 chunks).
+Three shapes are provided so tests catch shape assumptions: ``a`` (untied, 4 layers, 2 DeepStack
+levels), ``b`` (tied embeddings, wider heads, 1 DeepStack level, so 4 layers split into pp=2 x vpp=2
+chunks) and ``c`` (``a`` with a prime vocabulary of 397, padded under tensor parallelism).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ _VARIANTS = {
         tie=True,
     ),
 }
+# ``c``: shape ``a`` with a vocabulary no tensor-parallel size > 1 divides (397 is prime), so the
+# embedding and output layer are padded on the megatron side (conversion.mapping.padded_vocab_size).
+_VARIANTS["c"] = dict(_VARIANTS["a"], text=dict(_VARIANTS["a"]["text"], vocab_size=397))
 
 
 def tiny_qwen3vl_config(variant: str = "a"):
