@@ -22,6 +22,7 @@ from megatron_prism.algorithms import policy_loss
 from megatron_prism.algorithms.aggregation import GlobalCounts
 from megatron_prism.config.schema import PrismConfig
 from megatron_prism.data.processing import IGNORE_INDEX
+from megatron_prism.parallel.devices import host_group
 from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import Throughput
 from megatron_prism.training.optimizer import StepResult
@@ -29,9 +30,11 @@ from megatron_prism.training.runtime import MicroBatch, PolicyRuntime
 
 
 def dp_sum(values: list[float]) -> list[float]:
+    """Host figures summed over the data-parallel ranks, on the host (gloo) twin of the DP group:
+    RLVR's "every rank has its groups?" vote waits there while other replicas still generate."""
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        dist.all_reduce(t, group=host_group("data_parallel"))
     return t.tolist()
 
 

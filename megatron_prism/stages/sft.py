@@ -20,6 +20,7 @@ from megatron_prism.data.loader import load_split
 from megatron_prism.data.packing import VisionTokens, pack_demonstrations
 from megatron_prism.data.processing import IGNORE_INDEX, DemonstrationInputs
 from megatron_prism.data.records import RecordError
+from megatron_prism.parallel.devices import host_group
 from megatron_prism.stages.common import input_processor, run_evaluation
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
@@ -45,9 +46,7 @@ def _rows_to_micro_batches(rows) -> list[MicroBatch]:
 def _global_tokens(micro_batches: list[MicroBatch]) -> float:
     local = torch.tensor([sum(mb.num_tokens for mb in micro_batches)], dtype=torch.float64)
     if dist.is_initialized():
-        from megatron.core import parallel_state as ps
-
-        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        dist.all_reduce(local, group=host_group("data_parallel"))  # host bookkeeping: a gloo group
     return float(local)
 
 

@@ -43,6 +43,21 @@ class MicroBatch:
     def model_kwargs(self) -> dict[str, Any]:
         return {k: self.tensors.get(k) for k in MODEL_INPUTS if k != "input_ids"}
 
+    def on(self, device: torch.device) -> MicroBatch:
+        """This micro-batch with its tensors on ``device`` (the device boundary, see ``to_device``)."""
+        return MicroBatch(to_device(self.tensors, device), self.num_tokens)
+
+
+def to_device(tensors: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The device boundary: host-built batch tensors moved once, non-blocking, to the model's
+    device (tensors already there are kept as they are; other values pass through)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
+def model_device(chunks: list) -> torch.device:
+    """Where the model's parameters live."""
+    return next(p for c in chunks for p in c.parameters()).device
+
 
 @dataclass
 class PolicyRuntime:
@@ -90,8 +105,10 @@ class PolicyRuntime:
         if not micro_batches:
             return []
 
+        device = model_device(self.chunks)
+
         def forward_step(index, model):
-            mb = micro_batches[index]
+            mb = micro_batches[index].on(device)  # model inputs and loss inputs, once
             head = HeadRequest(mb.tensors["targets"], with_entropy=with_entropy, backend=self.head_backend)
             out = model(mb.tensors["input_ids"], head=head, **mb.model_kwargs())
 
@@ -99,7 +116,7 @@ class PolicyRuntime:
                 if collect is not None:
                     collect(index, output)
                 loss, metrics = loss_fn(output, mb.tensors)
-                return loss, torch.tensor(max(mb.num_tokens, 1), dtype=torch.int64), metrics
+                return loss, torch.tensor(max(mb.num_tokens, 1), dtype=torch.int64, device=device), metrics
 
             return out, loss_func
 
