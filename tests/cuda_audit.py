@@ -59,29 +59,44 @@ class DeviceMixError(RuntimeError):
 
 
 def _storage_key(t: torch.Tensor) -> int | None:
+    """The storage's address (views share it); None for a storage of no bytes."""
     try:
-        if t.numel() == 0:
-            return None
-        return t.untyped_storage().data_ptr()
+        storage = t.untyped_storage()
+        return storage.data_ptr() if storage.nbytes() > 0 else None
     except (RuntimeError, NotImplementedError):
         return None
 
 
 class _State:
+    """Device tags by storage address. Each tagged storage is kept alive until the audit ends, so
+    no address is reused: a tensor made below the dispatcher (a wrapped Python scalar, say) can
+    never inherit the tag of a freed GPU storage."""
+
     def __init__(self) -> None:
-        self.on_gpu: dict[int, bool] = {}
+        self.on_gpu: dict[int, tuple[bool, Any]] = {}
         self.collectives: list[tuple[str, str, str]] = []  # (name, backend, devices)
+        # Inside a backward, allocations the autograd engine makes in C++ (zero gradients of
+        # unused outputs, index_put's gradient buffer) take their device from a forward tensor's
+        # options (``grad.new_zeros(self.sizes(), self.options())``): on the real host here, on
+        # the GPU there. They come with no Python call around them (py_depth 0), and the audited
+        # backwards only differentiate GPU tensors.
+        self.in_backward = False
+        self.py_depth = 0
 
     def is_gpu(self, t: torch.Tensor) -> bool:
         key = _storage_key(t)
-        return key is not None and self.on_gpu.get(key, False)
+        if key is None:  # an empty storage: the tag sits on the tensor object
+            return bool(getattr(t, "_audit_on_gpu", False))
+        return self.on_gpu.get(key, (False, None))[0]
 
     def mark(self, out: Any, gpu: bool) -> None:
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 key = _storage_key(t)
-                if key is not None:
-                    self.on_gpu[key] = gpu
+                if key is None:
+                    t._audit_on_gpu = gpu
+                else:
+                    self.on_gpu[key] = (gpu, t.untyped_storage())
 
 
 def _as_device(device: Any) -> torch.device | None:
@@ -132,7 +147,9 @@ class _DispatchCheck(TorchDispatchMode):
         out = func(*args, **kwargs)
         device = _as_device(kwargs.get("device"))
         all_inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if device is not None:
+        if st.in_backward and st.py_depth == 0 and (device is not None or not all_inputs):
+            st.mark(out, True)  # an autograd-engine allocation for a GPU gradient
+        elif device is not None:
             st.mark(out, device.type == "cuda")
         elif func._schema.is_mutable or func.name().endswith("_"):
             pass  # in place: the output is an input and keeps its device
@@ -150,7 +167,14 @@ class _FunctionView(TorchFunctionMode):
         self.state = state
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
+        st = self.state
+        st.py_depth += 1
+        try:
+            return self._handle(func, args, dict(kwargs or {}))
+        finally:
+            st.py_depth -= 1
+
+    def _handle(self, func, args, kwargs):
         st = self.state
         if func in _GETTERS:
             t = args[0]
@@ -168,6 +192,8 @@ class _FunctionView(TorchFunctionMode):
         if func is torch.Tensor.numpy and st.is_gpu(args[0]):
             raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
                             "host memory first.")
+        if func is torch.autograd.backward:
+            return self._backward(*args, **kwargs)
         if func is torch._C._nn._parse_to:
             return _parse_to_with_gpu_index(func)(*args, **kwargs)
         if func is torch.Tensor.to:
@@ -184,6 +210,23 @@ class _FunctionView(TorchFunctionMode):
             st.mark(out, True)
             return out
         return func(*args, **kwargs)
+
+    def _backward(self, tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+        """torch.autograd.backward with this mode kept on: a mode is off inside its own handler, and
+        the backward of custom autograd Functions (the fused head's) reads devices from Python."""
+        from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+        from torch.autograd.graph import _engine_run_backward
+
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False)
+        st = self.state
+        depth, st.py_depth, st.in_backward = st.py_depth, 0, True
+        try:
+            with self:
+                _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph,
+                                     create_graph, tuple(inputs or ()), allow_unreachable=True, accumulate_grad=True)
+        finally:
+            st.py_depth, st.in_backward = depth, False
 
     def _to(self, args, kwargs):
         t = args[0]
@@ -238,12 +281,9 @@ _COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor
 def host_groups() -> list:
     """Groups that stay gloo on a GPU job: megatron's gloo groups and the project's host groups."""
     groups = []
-    try:
-        from megatron_prism.parallel import groups as prism_groups  # noqa: F401
+    from megatron_prism.parallel import devices
 
-        groups += list(prism_groups.host_group_handles())
-    except ImportError:
-        pass
+    groups += devices.host_group_handles()
     from megatron.core import parallel_state as ps
 
     for name in ("get_data_parallel_group_gloo", "get_data_modulo_expert_parallel_group_gloo",
@@ -324,11 +364,8 @@ def audit() -> Iterator[Audit]:
         return
     from megatron_prism.parallel import cpu_compat
 
-    gloo = host_groups()
-    real_backend = dist.get_backend
-
     def backend_of(group=None):
-        if any(group is g for g in gloo):
+        if group is not None and any(group is g for g in host_groups()):
             return "gloo"
         return "nccl"
 
@@ -342,13 +379,12 @@ def audit() -> Iterator[Audit]:
         for mod_name in cpu_compat._MODULES_WITH_CUDA_TENSORS:
             stack.enter_context(_patched(importlib.import_module(mod_name), "torch", torch))
         stack.enter_context(_patched(dist, "get_backend", lambda group=None: backend_of(group)))
+        # megatron's MoE dispatcher records its device-to-host copies on a (here null) CUDA stream
+        stack.enter_context(_patched(torch.Tensor, "record_stream", lambda self, stream: None))
         for name in _COLLECTIVES:
             if hasattr(dist, name):
                 stack.enter_context(_patched(dist, name, _checked_collective(name, getattr(dist, name), state,
                                                                              backend_of)))
         stack.enter_context(_FunctionView(state))
         stack.enter_context(_DispatchCheck(state))
-        try:
-            yield Audit(state)
-        finally:
-            del real_backend
+        yield Audit(state)
