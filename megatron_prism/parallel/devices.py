@@ -41,6 +41,14 @@ def compute_device() -> torch.device:
     return torch.device("cuda", current) if isinstance(current, int) else torch.device(current)
 
 
+def model_dtype(name: str) -> str:
+    """``model.dtype`` resolved: ``auto`` is ``bfloat16`` on a GPU (fp32 main grads), ``float32``
+    on the host."""
+    if name != "auto":
+        return name
+    return "bfloat16" if compute_device().type == "cuda" else "float32"
+
+
 def comm_device(group=None) -> torch.device:
     """The device a collective over ``group`` takes its tensors on: CUDA for NCCL, host for gloo."""
     return compute_device() if dist.get_backend(group) == "nccl" else torch.device("cpu")

@@ -32,7 +32,7 @@ from megatron_prism.models.discriminator import (
     DiscriminatorSpec, PartFinder, ScoreBatch, ScoreItem, VisionTokens, build_discriminator, make_score_batch,
     save_discriminator,
 )
-from megatron_prism.parallel.devices import to_comm_device
+from megatron_prism.parallel.devices import model_dtype, to_comm_device
 from megatron_prism.training import checkpoint as ckpt
 from megatron_prism.training.optimizer import PolicyOptimizer, StepResult
 from megatron_prism.training.runtime import forward_backward, model_device, wrap_ddp
@@ -86,7 +86,7 @@ class DiscriminatorRuntime:
         # own, so it turns SP on for itself whatever the policy does.
         sp = p.sequence_parallel or (p.tp > 1 and spec.is_moe)
         built = build_discriminator(source, tp=p.tp, pp=p.pp, ep=p.ep, vpp=p.vpp, mode=mode, sequence_parallel=sp,
-                                    dtype=cfg.model.dtype, head_dropout=d.head_dropout, router_jitter=d.router_noise,
+                                    dtype=model_dtype(cfg.model.dtype), head_dropout=d.head_dropout, router_jitter=d.router_noise,
                                     seed=seed, upcycle=upcycle)
         chunks = built if isinstance(built, list) else [built]
         first = chunks[0]
@@ -96,7 +96,7 @@ class DiscriminatorRuntime:
                 c.eval().requires_grad_(False)
             return cls(chunks, first.hf_config, first.spec, finder, pad_id, p.tp if sp else 1)
         chunks = wrap_ddp(chunks)
-        opt = PolicyOptimizer(chunks, optim, total_steps=total_steps, bf16=cfg.model.dtype == "bfloat16")
+        opt = PolicyOptimizer(chunks, optim, total_steps=total_steps, bf16=model_dtype(cfg.model.dtype) == "bfloat16")
         return cls(chunks, first.hf_config, first.spec, finder, pad_id, p.tp if sp else 1, opt)
 
     @property

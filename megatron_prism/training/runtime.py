@@ -25,6 +25,7 @@ from megatron_prism.models.common.token_logprobs import TokenLogProbs
 from megatron_prism.models.qwen3vl.config import read_hf_config
 from megatron_prism.models.qwen3vl.model import HeadRequest
 from megatron_prism.parallel import cpu_compat
+from megatron_prism.parallel.devices import model_dtype
 from megatron_prism.training.optimizer import PolicyOptimizer
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "attention_mask", "position_ids")
@@ -73,7 +74,7 @@ class PolicyRuntime:
               head_backend: str = "auto") -> PolicyRuntime:
         """Policy chunks from a HF or megatron_prism directory, wrapped in megatron DDP with an
         optimizer when ``trainable`` (a frozen reference model gets neither)."""
-        dtype = _DTYPES[model.dtype]
+        dtype = _DTYPES[model_dtype(model.dtype)]
         built = build_policy(source, tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp,
                              sequence_parallel=parallel.sequence_parallel, dtype=dtype,
                              recompute=model.recompute, seed=seed)
