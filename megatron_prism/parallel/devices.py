@@ -11,7 +11,7 @@ Two rules a GPU job lives by, kept in one place:
 
 Host-side bookkeeping (token counts, "all ranks done?" flags, checkpoint success votes) does not
 belong on the GPU at all: it goes over the **host groups** of :func:`host_group`, gloo groups
-with the same members as the world / data-parallel / model-parallel groups. They are also where a
+with the same members as the world / data-parallel / model-parallel / pipeline groups. They are also where a
 rank waits while another generates rollouts: an NCCL collective would time out after the job's
 600 s default while an 8B rollout can take longer; the host groups are created with
 ``HOST_GROUP_TIMEOUT_S`` (4 h) for that reason.
@@ -29,6 +29,7 @@ import torch.distributed as dist
 HOST_GROUP_TIMEOUT_S = 4 * 3600
 
 _HOST_GROUPS: dict[str, object] = {}
+HOST_GROUP_KINDS = ("world", "data_parallel", "model_parallel", "pipeline")
 
 
 def compute_device() -> torch.device:
@@ -60,15 +61,16 @@ def to_comm_device(t: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def create_host_groups(timeout_s: int = HOST_GROUP_TIMEOUT_S) -> None:
-    """Collective over the world: the gloo twins of the world, data-parallel and model-parallel
-    groups (megatron's parallel state must exist). Called by ``init_parallel``."""
+    """Collective over the world: the gloo twins of the world, data-parallel, model-parallel and
+    pipeline groups (megatron's parallel state must exist). Called by ``init_parallel``."""
     from megatron.core import parallel_state as ps
 
     _HOST_GROUPS.clear()
     timeout = datetime.timedelta(seconds=timeout_s)
     _HOST_GROUPS["world"] = dist.new_group(backend="gloo", timeout=timeout)
     for kind, group in (("data_parallel", ps.get_data_parallel_group()),
-                        ("model_parallel", ps.get_model_parallel_group())):
+                        ("model_parallel", ps.get_model_parallel_group()),
+                        ("pipeline", ps.get_pipeline_model_parallel_group())):
         mine = dist.get_process_group_ranks(group)
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine, group=_HOST_GROUPS["world"])
@@ -80,10 +82,10 @@ def create_host_groups(timeout_s: int = HOST_GROUP_TIMEOUT_S) -> None:
 
 
 def host_group(kind: str = "world"):
-    """The gloo group of ``kind`` ("world", "data_parallel", "model_parallel") for host-side
+    """The gloo group of ``kind`` (one of ``HOST_GROUP_KINDS``) for host-side
     bookkeeping and waits (see the module docstring)."""
-    if kind not in ("world", "data_parallel", "model_parallel"):
-        raise ValueError(f"unknown host group {kind!r}; choose world, data_parallel or model_parallel")
+    if kind not in HOST_GROUP_KINDS:
+        raise ValueError(f"unknown host group {kind!r}; choose one of {', '.join(HOST_GROUP_KINDS)}")
     if kind not in _HOST_GROUPS:
         raise RuntimeError("host groups do not exist yet: call megatron_prism.parallel.init_parallel first")
     return _HOST_GROUPS[kind]

@@ -26,7 +26,7 @@ from megatron_prism.parallel.devices import host_group
 from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import Throughput
 from megatron_prism.training.optimizer import StepResult
-from megatron_prism.training.runtime import MicroBatch, PolicyRuntime
+from megatron_prism.training.runtime import MicroBatch, PolicyRuntime, step_figures
 
 
 def dp_sum(values: list[float]) -> list[float]:
@@ -130,6 +130,7 @@ def update_policy(cfg: PrismConfig, runtime: PolicyRuntime, samples: list[dict],
             result = runtime.optimizer.step()
             updates += 1
     timer.lap("train")
+    metrics_sum = step_figures(metrics_sum)  # from the last PP stage, summed over DP ranks
     # the loss figure is a sum over the optimizer steps that ran; fewer micro-batches than
     # mini-batches (a small step) runs fewer of them than ppo_epochs * mini_batches
     metrics_sum["updates"] = float(updates)

@@ -27,7 +27,7 @@ from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, save,
                                           start_or_resume)
 from megatron_prism.training.metrics import progress
-from megatron_prism.training.runtime import MicroBatch
+from megatron_prism.training.runtime import MicroBatch, step_figures
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,9 @@ def run_sft(ctx: StageContext) -> StageResult:
         pause_point("sft.step")
         timer.lap("train")
         state.step += 1
-        last = {"loss": sum(r["nll_share"] for r in reduced) if reduced else float("nan"),
+        # the NLL from the last pipeline stage, summed over data-parallel shares
+        nll = step_figures({"loss": sum(r["nll_share"] for r in reduced)} if reduced else {})
+        last = {"loss": nll.get("loss", float("nan")),
                 "grad_norm": result.grad_norm, "lr": result.lr, "rows": len(rows),
                 "skipped_records": skips.total, **timer.scalars(int(counts.tokens))}
         ctx.metrics.log("sft", state.step, last)

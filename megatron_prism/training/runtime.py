@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -25,7 +26,7 @@ from megatron_prism.models.common.token_logprobs import TokenLogProbs
 from megatron_prism.models.qwen3vl.config import read_hf_config
 from megatron_prism.models.qwen3vl.model import HeadRequest
 from megatron_prism.parallel import cpu_compat
-from megatron_prism.parallel.devices import model_dtype
+from megatron_prism.parallel.devices import host_group, model_dtype
 from megatron_prism.training.optimizer import PolicyOptimizer
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "attention_mask", "position_ids")
@@ -125,6 +126,24 @@ class PolicyRuntime:
                                 seq_length=max(mb.tensors["input_ids"].shape[1] for mb in micro_batches),
                                 micro_batch_size=micro_batches[0].tensors["input_ids"].shape[0],
                                 forward_only=forward_only)
+
+
+def step_figures(local: dict[str, float]) -> dict[str, float]:
+    """A step's summed loss-function figures as every rank logs them: taken from the last pipeline
+    stage (the only one whose loss functions ran; others hold nothing) and summed over the
+    data-parallel ranks (each holds its share of the global batch). Host values over host groups."""
+    if not dist.is_initialized():
+        return dict(local)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        box = [dict(local) if ps.is_pipeline_last_stage(ignore_virtual=True) else None]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=host_group("pipeline"))
+        local = box[0]
+    if ps.get_data_parallel_world_size() > 1 and local:
+        keys = sorted(local)
+        summed = torch.tensor([float(local[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(summed, group=host_group("data_parallel"))
+        local = dict(zip(keys, summed.tolist()))
+    return dict(local)
 
 
 def wrap_ddp(chunks: list) -> list:
