@@ -241,3 +241,18 @@ def test_device_audit_no_cuda_literal_outside_the_parallel_package():
              for p in sorted(root.rglob("*.py")) if "parallel" not in p.relative_to(root).parts[:1]
              for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not found, "CUDA named outside megatron_prism/parallel:\n" + "\n".join(found)
+
+
+def test_device_audit_comm_device_follows_the_backend():
+    """NCCL groups communicate on the GPU, the host groups on the host, whatever the machine."""
+    import torch.distributed as dist
+
+    from megatron_prism.parallel import devices
+
+    with cuda_audit.audit():
+        assert devices.comm_device().type == "cuda"  # the default group of a GPU job is NCCL
+        for kind in devices.HOST_GROUP_KINDS:
+            group = devices.host_group(kind)
+            assert dist.get_backend(group) == "gloo" and devices.comm_device(group) == torch.device("cpu")
+        with pytest.raises(ValueError, match="unknown host group 'tp'"):
+            devices.host_group("tp")

@@ -151,7 +151,14 @@ a, b, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 report = {"weights": {}, "figures": {}}
 ok = True
 for stage in ("sft", "warmup", "align", "rlvr"):
-    last = lambda root: sorted((root / stage / "checkpoints").glob("step_*"))[-1]
+    def last(root):
+        steps = sorted((root / stage / "checkpoints").glob("step_*"))
+        return steps[-1] if steps else None
+
+    if last(a) is None or last(b) is None:
+        ok = False
+        report["weights"][stage] = f"no checkpoint (uninterrupted: {last(a)}, resumed: {last(b)})"
+        continue
     wa = {f.name: load_file(f) for f in sorted(last(a).rglob("*.safetensors"))}
     wb = {f.name: load_file(f) for f in sorted(last(b).rglob("*.safetensors"))}
     diff, n = 0.0, 0
@@ -224,6 +231,10 @@ print(f"gpu_smoke: {'dry run' if dry else ('PASSED' if passed else 'FAILED')} in
 EOF
 }
 
+if [ "${PRISM_SMOKE_ALLOW_CPU:-0}" = 1 ]; then
+    # megatron's mixed-precision optimizer refuses host bf16 tensors by type name: rehearse in fp32
+    STAGE_OVERRIDES="${STAGE_OVERRIDES/model.dtype=bfloat16/model.dtype=float32}"
+fi
 export PY WHEELS OUT CONFIG STAGE_OVERRIDES REPO
 export -f gpu_environment megatron_available resumed_run compare_runs
 echo "gpu_smoke: repo $REPO, out $OUT, python $PY, budget ${BUDGET_S}s, dry run: $DRY"
