@@ -112,7 +112,8 @@ class PolicyOptimizer:
         if self.cfg.clip_grad > 0:
             scale = self.cfg.clip_grad / (norm + 1e-6)
             if scale < 1.0:
-                grads = [p.grad for p in self.optimizer.get_parameters() if p.grad is not None]
+                # the parameters the update reads (fp32 main params; DP shards under the distributed optimizer)
+                grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
                 torch._foreach_mul_(grads, scale)
         updated = self.optimizer.step_with_ready_grads()
         if updated:
