@@ -112,8 +112,7 @@ EOF
 }
 
 megatron_available() {
-    if "$PY" -c "import megatron.core" 2>/dev/null; then
-        "$PY" -c "import megatron.core as m; print('megatron-core', m.__version__)"
+    if "$PY" -c "import megatron.core as m; print('megatron-core', m.__version__)" 2>/dev/null; then
         return 0
     fi
     local wheel; wheel=$(ls "$WHEELS"/megatron_core-*.whl 2>/dev/null | head -n 1)
