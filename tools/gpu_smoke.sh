@@ -158,9 +158,9 @@ for stage in ("sft", "warmup", "align", "rlvr"):
 
     if last(a) is None and last(b) is None:
         continue  # a stage the config leaves out (PRISM_SMOKE_EXTRA_OVERRIDES)
-    if last(a) is None or last(b) is None:
+    if last(a) is None or last(b) is None or last(a).name != last(b).name:
         ok = False
-        report["weights"][stage] = f"no checkpoint (uninterrupted: {last(a)}, resumed: {last(b)})"
+        report["weights"][stage] = f"last checkpoints differ (uninterrupted: {last(a)}, resumed: {last(b)})"
         continue
     wa = {f.name: load_file(f) for f in sorted(last(a).rglob("*.safetensors"))}
     wb = {f.name: load_file(f) for f in sorted(last(b).rglob("*.safetensors"))}
