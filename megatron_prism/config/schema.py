@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackend = Literal["auto", "sdpa", "te"]
 Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["constant", "cosine"]
@@ -33,14 +33,15 @@ class ModelConfig:
     """Which weights the policy starts from and how it is computed.
 
     ``hf_dir`` is a Hugging Face Qwen3-VL directory, ``megatron_dir`` a checkpoint converted with
-    ``prism convert``; with neither set the run uses the built-in tiny random model. ``float32``
-    is the default because it is the one dtype that is exact and fast enough on a CPU; GPU runs set
-    ``bfloat16``.
+    ``prism convert``; with neither set the run uses the built-in tiny random model. ``dtype``
+    ``auto`` (the default) is ``bfloat16`` weights with fp32 main gradients and fp32 optimizer
+    state on a GPU, and ``float32`` on a CPU (the one dtype that is exact and fast enough there);
+    ``float16`` is refused (it needs a loss scaler this trainer does not drive).
     """
 
     hf_dir: str | None = None
     megatron_dir: str | None = None
-    dtype: DType = "float32"
+    dtype: DType = "auto"
     attention_backend: AttentionBackend = "auto"
     recompute: Recompute = "none"
 

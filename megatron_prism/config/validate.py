@@ -196,6 +196,9 @@ def _ranges(c: _Check) -> None:
                       ("parallel.vpp", "the virtual pipeline size"), ("parallel.ep", "the expert-parallel size"),
                       ("parallel.micro_batch_size", "the micro-batch size")):
         c.at_least(key, 1, what)
+    if cfg.model.dtype == "float16":
+        c.fail("model.dtype", "float16 needs megatron's loss scaler, which this trainer does not drive; use "
+                              "model.dtype=bfloat16 (fp32 main grads, the GPU default 'auto') or float32")
     c.at_least("data.max_seq_len", 1, "the sequence length")
     c.at_least("data.min_pixels", 1, "the smallest image size in pixels")
     c.at_least("data.seed", 0, "a seed")

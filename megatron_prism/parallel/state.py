@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_prism.parallel import cpu_compat
+from megatron_prism.parallel import cpu_compat, devices
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,8 @@ def init_parallel(
     if ps.model_parallel_is_initialized():
         now = current_layout()
         if (now.tp, now.pp, now.vpp, now.ep) == (tp, pp, vpp, ep):
+            if not devices.host_group_handles():
+                devices.create_host_groups()
             return now
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -112,6 +114,7 @@ def init_parallel(
         expert_model_parallel_size=ep,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    devices.create_host_groups()
     return current_layout()
 
 
@@ -126,4 +129,5 @@ def shutdown_parallel() -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    devices.clear_host_groups()
     dist.destroy_process_group()

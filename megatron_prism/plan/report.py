@@ -52,7 +52,7 @@ def workload_from_config(cfg: PrismConfig) -> Workload:
     stages = {s.name: s.global_batch_size for s in cfg.enabled_stages()}
     samples = {name: sequences_per_prompt(cfg, name) for name in stages}
     return Workload(
-        dtype=cfg.model.dtype, max_seq_len=cfg.data.max_seq_len, max_new_tokens=cfg.rollout.max_new_tokens,
+        dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype, max_seq_len=cfg.data.max_seq_len, max_new_tokens=cfg.rollout.max_new_tokens,
         max_pixels=cfg.data.max_pixels or QWEN3VL_MAX_PIXELS, rollout_n=cfg.rollout.n, colocated=cfg.rollout.engine in ("sglang", "vllm"),
         kl_reference=cfg.algorithm.kl_coef > 0, discriminator=discriminator_shape(cfg),
         disc_top_k=getattr(getattr(cfg, "discriminator", None), "topk", 2), stage_batches=stages,

@@ -22,16 +22,19 @@ from megatron_prism.algorithms import policy_loss
 from megatron_prism.algorithms.aggregation import GlobalCounts
 from megatron_prism.config.schema import PrismConfig
 from megatron_prism.data.processing import IGNORE_INDEX
+from megatron_prism.parallel.devices import host_group
 from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import Throughput
 from megatron_prism.training.optimizer import StepResult
-from megatron_prism.training.runtime import MicroBatch, PolicyRuntime
+from megatron_prism.training.runtime import MicroBatch, PolicyRuntime, step_figures
 
 
 def dp_sum(values: list[float]) -> list[float]:
+    """Host figures summed over the data-parallel ranks, on the host (gloo) twin of the DP group:
+    RLVR's "every rank has its groups?" vote waits there while other replicas still generate."""
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        dist.all_reduce(t, group=host_group("data_parallel"))
     return t.tolist()
 
 
@@ -127,6 +130,7 @@ def update_policy(cfg: PrismConfig, runtime: PolicyRuntime, samples: list[dict],
             result = runtime.optimizer.step()
             updates += 1
     timer.lap("train")
+    metrics_sum = step_figures(metrics_sum)  # from the last PP stage, summed over DP ranks
     # the loss figure is a sum over the optimizer steps that ran; fewer micro-batches than
     # mini-batches (a small step) runs fewer of them than ppo_epochs * mini_batches
     metrics_sum["updates"] = float(updates)

@@ -20,13 +20,14 @@ from megatron_prism.data.loader import load_split
 from megatron_prism.data.packing import VisionTokens, pack_demonstrations
 from megatron_prism.data.processing import IGNORE_INDEX, DemonstrationInputs
 from megatron_prism.data.records import RecordError
+from megatron_prism.parallel.devices import host_group
 from megatron_prism.stages.common import input_processor, run_evaluation
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, save,
                                           start_or_resume)
 from megatron_prism.training.metrics import progress
-from megatron_prism.training.runtime import MicroBatch
+from megatron_prism.training.runtime import MicroBatch, step_figures
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,7 @@ def _rows_to_micro_batches(rows) -> list[MicroBatch]:
 def _global_tokens(micro_batches: list[MicroBatch]) -> float:
     local = torch.tensor([sum(mb.num_tokens for mb in micro_batches)], dtype=torch.float64)
     if dist.is_initialized():
-        from megatron.core import parallel_state as ps
-
-        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        dist.all_reduce(local, group=host_group("data_parallel"))  # host bookkeeping: a gloo group
     return float(local)
 
 
@@ -97,7 +96,9 @@ def run_sft(ctx: StageContext) -> StageResult:
         pause_point("sft.step")
         timer.lap("train")
         state.step += 1
-        last = {"loss": sum(r["nll_share"] for r in reduced) if reduced else float("nan"),
+        # the NLL from the last pipeline stage, summed over data-parallel shares
+        nll = step_figures({"loss": sum(r["nll_share"] for r in reduced)} if reduced else {})
+        last = {"loss": nll.get("loss", float("nan")),
                 "grad_norm": result.grad_norm, "lr": result.lr, "rows": len(rows),
                 "skipped_records": skips.total, **timer.scalars(int(counts.tokens))}
         ctx.metrics.log("sft", state.step, last)

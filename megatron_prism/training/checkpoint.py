@@ -40,6 +40,7 @@ from megatron_prism.models.conversion.convert import layout_maps
 from megatron_prism.models.conversion.hf_io import copy_non_weight_files, fsync_dir
 from megatron_prism.models.conversion.mapping import global_name
 from megatron_prism.models.errors import CheckpointError
+from megatron_prism.parallel.devices import host_group
 from megatron_prism.training.faults import pause_point
 
 LATEST = "latest"
@@ -164,7 +165,7 @@ def save_checkpoint(
         ok[0] = 0
         error = exc
     if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=host_group())  # a host vote: gloo
     if not ok[0]:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -208,7 +209,7 @@ def save_checkpoint(
             ok[0] = 0
             error = exc
     if dist.is_initialized():
-        dist.broadcast(ok, src=0)
+        dist.broadcast(ok, src=0, group=host_group())
     _barrier()
     if not ok[0]:
         raise CheckpointWriteError(f"checkpoint at step {step} could not be finalised ({error}); "

@@ -19,7 +19,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,10 @@ from megatron_prism.models.discriminator import (
     DiscriminatorSpec, PartFinder, ScoreBatch, ScoreItem, VisionTokens, build_discriminator, make_score_batch,
     save_discriminator,
 )
+from megatron_prism.parallel.devices import model_dtype, to_comm_device
 from megatron_prism.training import checkpoint as ckpt
 from megatron_prism.training.optimizer import PolicyOptimizer, StepResult
-from megatron_prism.training.runtime import forward_backward, wrap_ddp
+from megatron_prism.training.runtime import forward_backward, model_device, wrap_ddp
 
 #: (teacher scores [k, 2], policy scores [k, 2], valid [k], pair index of each row) -> (loss share, metrics)
 PairLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -85,7 +86,7 @@ class DiscriminatorRuntime:
         # own, so it turns SP on for itself whatever the policy does.
         sp = p.sequence_parallel or (p.tp > 1 and spec.is_moe)
         built = build_discriminator(source, tp=p.tp, pp=p.pp, ep=p.ep, vpp=p.vpp, mode=mode, sequence_parallel=sp,
-                                    dtype=cfg.model.dtype, head_dropout=d.head_dropout, router_jitter=d.router_noise,
+                                    dtype=model_dtype(cfg.model.dtype), head_dropout=d.head_dropout, router_jitter=d.router_noise,
                                     seed=seed, upcycle=upcycle)
         chunks = built if isinstance(built, list) else [built]
         first = chunks[0]
@@ -95,7 +96,7 @@ class DiscriminatorRuntime:
                 c.eval().requires_grad_(False)
             return cls(chunks, first.hf_config, first.spec, finder, pad_id, p.tp if sp else 1)
         chunks = wrap_ddp(chunks)
-        opt = PolicyOptimizer(chunks, optim, total_steps=total_steps, bf16=cfg.model.dtype == "bfloat16")
+        opt = PolicyOptimizer(chunks, optim, total_steps=total_steps, bf16=model_dtype(cfg.model.dtype) == "bfloat16")
         return cls(chunks, first.hf_config, first.spec, finder, pad_id, p.tp if sp else 1, opt)
 
     @property
@@ -125,8 +126,10 @@ class DiscriminatorRuntime:
 
     def _run(self, batches: Sequence[ScoreBatch], loss_fn: PairLossFn, *, forward_only: bool,
              collect: list[torch.Tensor] | None) -> list[dict]:
+        device = model_device(self.chunks)
+
         def forward_step(index: int, model):
-            b = batches[index]
+            b = _on_device(batches[index], device)  # the device boundary: model and loss inputs, once
             out = model(b.input_ids, **b.model_inputs())
 
             def loss_func(scores: torch.Tensor):
@@ -135,7 +138,7 @@ class DiscriminatorRuntime:
                     collect[index] = scores.detach().float()
                 valid = b.valid[:k] & b.valid[k:]  # a pair counts when both responses have their parts
                 loss, metrics = loss_fn(scores[:k], scores[k:], valid)
-                return loss, torch.tensor(1, dtype=torch.int64), metrics
+                return loss, torch.tensor(1, dtype=torch.int64, device=device), metrics
 
             return out, loss_func
 
@@ -145,14 +148,15 @@ class DiscriminatorRuntime:
 
     def score(self, batches: Sequence[ScoreBatch]) -> list[torch.Tensor]:
         """Eval-mode scores ``[rows, 2]`` of every batch (no dropout, no router noise, no grad),
-        on every rank (sent from the last pipeline stage)."""
+        on every rank (sent from the last pipeline stage), on the host: the game's bookkeeping
+        (advantages, metrics) is host-side."""
         if not batches:
             return []
         self.train(False)
         got: list[torch.Tensor] = [torch.zeros(b.input_ids.shape[0], 2) for b in batches]
         with torch.no_grad():
             self._run(batches, lambda t, p, v: (t.sum() * 0, {}), forward_only=True, collect=got)
-        return _from_last_stage(got)
+        return [t.cpu() for t in _from_last_stage(got)]
 
     def train_step(self, batches: Sequence[ScoreBatch], loss_fn: PairLossFn, *, aux_loss: bool) -> tuple[StepResult, list[dict]]:
         """One optimizer step over all ``batches`` (train mode: dropout and router noise on).
@@ -231,12 +235,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _on_device(batch: ScoreBatch, device: torch.device) -> ScoreBatch:
+    """``batch`` with every tensor moved (non-blocking) to ``device``."""
+    moved = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
+    return replace(batch, **moved)
+
+
 def _from_last_stage(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The last pipeline stage's tensors on every stage of its pipeline group."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
     group = ps.get_pipeline_model_parallel_group()
+    flat = torch.cat([to_comm_device(t.reshape(-1), group) for t in tensors])
     dist.broadcast(flat, src=ps.get_pipeline_model_parallel_last_rank(), group=group)
     out, at = [], 0
     for t in tensors:

@@ -1,13 +1,20 @@
 """The optimizer side of every stage: megatron-core's optimizer and LR schedule, gradient
 clipping, and the non-finite-gradient guard.
 
-megatron-core's optimizer and ``OptimizerParamScheduler`` run unchanged on CPU and GPU with one
-exception, kept here: its gradient clipping (``clip_grad_by_total_norm_fp32``) and its distributed
-optimizer assert CUDA tensors. On a CPU the megatron optimizer is therefore built with clipping
-off and without the distributed optimizer, and :meth:`PolicyOptimizer.step` clips the gradients
-itself with the same global norm (computed by megatron's ``get_grad_norm_fp32`` over the
-model-parallel group, counting tensor-parallel duplicates and shared weights once). On a GPU
-megatron clips inside its step and the distributed optimizer is used.
+:meth:`PolicyOptimizer.step` is megatron's ``optimizer.step()`` taken apart at its own seams, so
+that the non-finite guard sits between the gradient norm and the update: ``prepare_grads()``
+(model gradients -> the fp32 main gradients of the optimizer's parameters), ``get_grad_norm()``
+(megatron's norm over the optimizer's main gradients with its own grad-stats group: under the
+distributed optimizer each data-parallel rank holds a shard, and megatron counts each shard once),
+clipping by that norm (megatron's formula, ``max_norm / (norm + 1e-6)`` when below 1, applied to
+the main gradients the update reads), then ``step_with_ready_grads()``. The logged grad norm is
+that one, the norm megatron's ``step()`` itself returns; the model's reduced gradient buffers are
+never read (under the distributed optimizer they are partly reduce-scattered).
+
+Precision: ``bf16`` weights train with fp32 main gradients and fp32 main parameters (megatron's
+mixed-precision optimizer). ``float16`` is refused: it needs megatron's loss scaler driven through
+the schedules, which this trainer does not do. The distributed optimizer is used where megatron
+runs it (``cpu_compat``: not on a CPU, where it asserts CUDA tensors).
 
 A step whose gradient norm is NaN or infinite is skipped (gradients dropped, no update, the LR
 schedule does not advance) and counted; after ``max_consecutive_skips`` in a row the run stops
@@ -22,13 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_prism.config.schema import OptimizerConfig
 from megatron_prism.parallel import cpu_compat
@@ -48,39 +52,6 @@ class StepResult:
     skipped_in_a_row: int
 
 
-def _main_grads(chunks) -> list[torch.Tensor]:
-    """Each gradient once: shared (tied) weights and tensor-parallel duplicates are left out."""
-    grads = []
-    for chunk in chunks:
-        for p in chunk.parameters():
-            if not p.requires_grad:
-                continue
-            g = getattr(p, "main_grad", None)
-            if g is None:
-                g = p.grad
-            if g is None:
-                continue
-            if param_is_not_shared(p) and tensor_parallel.param_is_not_tensor_parallel_duplicate(p):
-                grads.append(g)
-    return grads
-
-
-def global_grad_norm(chunks) -> float:
-    """L2 norm of all gradients of the model, over every model-parallel rank."""
-    grads = _main_grads(chunks)
-    return float(get_grad_norm_fp32(grads, grad_stats_parallel_group=parallel_state.get_model_parallel_group()))
-
-
-def _all_main_grads(chunks):
-    for chunk in chunks:
-        for p in chunk.parameters():
-            g = getattr(p, "main_grad", None)
-            if g is None:
-                g = p.grad
-            if g is not None:
-                yield g
-
-
 class PolicyOptimizer:
     """megatron optimizer + LR schedule + clipping + non-finite guard for a list of DDP chunks."""
 
@@ -88,11 +59,15 @@ class PolicyOptimizer:
                  max_consecutive_skips: int = 3) -> None:
         self.chunks = chunks
         self.cfg = cfg
-        self.clip_here = cpu_compat.on_cpu()  # megatron's own clipping asserts CUDA tensors
+        dtypes = {p.dtype for c in chunks for p in c.parameters()}
+        if torch.float16 in dtypes:
+            raise ValueError("model.dtype=float16 needs megatron's loss scaler, which this trainer does not drive; "
+                             "use model.dtype=bfloat16 (fp32 main grads) or float32")
         mcfg = MegatronOptimizerConfig(
             optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
             adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-            clip_grad=0.0 if self.clip_here else cfg.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            # clipping happens in step(), by megatron's norm (the guard needs the norm first)
+            clip_grad=0.0, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=not cpu_compat.on_cpu(),
         )
         self.optimizer = get_megatron_optimizer(mcfg, chunks)
@@ -119,7 +94,8 @@ class PolicyOptimizer:
     def step(self) -> StepResult:
         """Reduce gradients, check them, clip, update, advance the LR schedule."""
         finalize_model_grads(self.chunks)
-        norm = global_grad_norm(self.chunks)
+        self.optimizer.prepare_grads()  # -> fp32 main grads (bf16: copied; no loss scaler: no overflow flag)
+        norm = float(self.optimizer.get_grad_norm())
         if not math.isfinite(norm):
             self.skipped_in_a_row += 1
             self.skipped_total += 1
@@ -133,11 +109,13 @@ class PolicyOptimizer:
                 )
             return StepResult(False, norm, self.lr, self.skipped_in_a_row)
         self.skipped_in_a_row = 0
-        if self.clip_here and self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
+        if self.cfg.clip_grad > 0:
             scale = self.cfg.clip_grad / (norm + 1e-6)
-            for g in _all_main_grads(self.chunks):
-                g.mul_(scale)
-        updated, _, _ = self.optimizer.step()
+            if scale < 1.0:
+                # the parameters the update reads (fp32 main params; DP shards under the distributed optimizer)
+                grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                torch._foreach_mul_(grads, scale)
+        updated = self.optimizer.step_with_ready_grads()
         if updated:
             self.scheduler.step(increment=1)
         return StepResult(bool(updated), norm, self.lr, 0)

@@ -34,6 +34,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from megatron_prism.parallel.devices import comm_device
+
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. requeue
@@ -95,8 +97,7 @@ def should_stop() -> bool:
     local = requested()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=comm_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     stop = bool(flag.item())
     if stop:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -25,6 +26,7 @@ from megatron_prism.models.common.token_logprobs import TokenLogProbs
 from megatron_prism.models.qwen3vl.config import read_hf_config
 from megatron_prism.models.qwen3vl.model import HeadRequest
 from megatron_prism.parallel import cpu_compat
+from megatron_prism.parallel.devices import host_group, model_dtype
 from megatron_prism.training.optimizer import PolicyOptimizer
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "attention_mask", "position_ids")
@@ -43,6 +45,21 @@ class MicroBatch:
     def model_kwargs(self) -> dict[str, Any]:
         return {k: self.tensors.get(k) for k in MODEL_INPUTS if k != "input_ids"}
 
+    def on(self, device: torch.device) -> MicroBatch:
+        """This micro-batch with its tensors on ``device`` (the device boundary, see ``to_device``)."""
+        return MicroBatch(to_device(self.tensors, device), self.num_tokens)
+
+
+def to_device(tensors: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The device boundary: host-built batch tensors moved once, non-blocking, to the model's
+    device (tensors already there are kept as they are; other values pass through)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
+def model_device(chunks: list) -> torch.device:
+    """Where the model's parameters live."""
+    return next(p for c in chunks for p in c.parameters()).device
+
 
 @dataclass
 class PolicyRuntime:
@@ -58,7 +75,7 @@ class PolicyRuntime:
               head_backend: str = "auto") -> PolicyRuntime:
         """Policy chunks from a HF or megatron_prism directory, wrapped in megatron DDP with an
         optimizer when ``trainable`` (a frozen reference model gets neither)."""
-        dtype = _DTYPES[model.dtype]
+        dtype = _DTYPES[model_dtype(model.dtype)]
         built = build_policy(source, tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp,
                              sequence_parallel=parallel.sequence_parallel, dtype=dtype,
                              recompute=model.recompute, seed=seed)
@@ -90,8 +107,10 @@ class PolicyRuntime:
         if not micro_batches:
             return []
 
+        device = model_device(self.chunks)
+
         def forward_step(index, model):
-            mb = micro_batches[index]
+            mb = micro_batches[index].on(device)  # model inputs and loss inputs, once
             head = HeadRequest(mb.tensors["targets"], with_entropy=with_entropy, backend=self.head_backend)
             out = model(mb.tensors["input_ids"], head=head, **mb.model_kwargs())
 
@@ -99,7 +118,7 @@ class PolicyRuntime:
                 if collect is not None:
                     collect(index, output)
                 loss, metrics = loss_fn(output, mb.tensors)
-                return loss, torch.tensor(max(mb.num_tokens, 1), dtype=torch.int64), metrics
+                return loss, torch.tensor(max(mb.num_tokens, 1), dtype=torch.int64, device=device), metrics
 
             return out, loss_func
 
@@ -107,6 +126,24 @@ class PolicyRuntime:
                                 seq_length=max(mb.tensors["input_ids"].shape[1] for mb in micro_batches),
                                 micro_batch_size=micro_batches[0].tensors["input_ids"].shape[0],
                                 forward_only=forward_only)
+
+
+def step_figures(local: dict[str, float]) -> dict[str, float]:
+    """A step's summed loss-function figures as every rank logs them: taken from the last pipeline
+    stage (the only one whose loss functions ran; others hold nothing) and summed over the
+    data-parallel ranks (each holds its share of the global batch). Host values over host groups."""
+    if not dist.is_initialized():
+        return dict(local)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        box = [dict(local) if ps.is_pipeline_last_stage(ignore_virtual=True) else None]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=host_group("pipeline"))
+        local = box[0]
+    if ps.get_data_parallel_world_size() > 1 and local:
+        keys = sorted(local)
+        summed = torch.tensor([float(local[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(summed, group=host_group("data_parallel"))
+        local = dict(zip(keys, summed.tolist()))
+    return dict(local)
 
 
 def wrap_ddp(chunks: list) -> list:

@@ -205,7 +205,7 @@ def test_wrong_type_in_file_names_file(tmp_path):
 @pytest.mark.parametrize(
     "override,choices",
     [
-        ("model.dtype=fp8", "'float32', 'bfloat16', 'float16'"),
+        ("model.dtype=fp8", "'auto', 'float32', 'bfloat16', 'float16'"),
         ("model.attention_backend=flash", "'auto', 'sdpa', 'te'"),
         ("model.recompute=partial", "'none', 'selective', 'full'"),
         ("optim.schedule=linear", "'constant', 'cosine'"),

@@ -242,3 +242,16 @@ def test_the_tiny_model_needs_the_synthetic_tokenizer(tmp_path):
     lines = _problems([f"data.root={tmp_path}", "stages.warmup.enabled=false", "stages.align.enabled=false",
                        "stages.rlvr.enabled=false", "stages.eval.enabled=false", "stages.sft.eval_every=0"])
     assert len(lines) == 1 and "has no tokenizer/ folder" in lines[0] and "set model.hf_dir" in lines[0]
+
+
+def test_float16_is_refused_in_one_line_naming_the_key():
+    from megatron_prism.config.schema import PrismConfig
+    from megatron_prism.config.validate import find_problems
+
+    cfg = PrismConfig()
+    cfg.model.dtype = "float16"
+    problems = [p for p in find_problems(cfg, paths=False) if "model.dtype" in p]
+    assert len(problems) == 1 and "\n" not in problems[0]
+    assert "loss scaler" in problems[0] and "model.dtype=bfloat16" in problems[0]
+    cfg.model.dtype = "auto"
+    assert not [p for p in find_problems(cfg, paths=False) if "model.dtype" in p]

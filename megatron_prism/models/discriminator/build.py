@@ -14,6 +14,7 @@ from megatron_prism.models.discriminator.spec import MOE_MODES, DiscriminatorSpe
 from megatron_prism.models.discriminator.upcycle import UpcycleSource, backbone_source
 from megatron_prism.models.errors import CheckpointError
 from megatron_prism.models.qwen3vl.config import LayoutOptions, check_layout, transformer_config
+from megatron_prism.parallel.devices import compute_device
 from megatron_prism.parallel.state import init_parallel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,6 +86,9 @@ def build_discriminator(
         model.hf_files_dir = hf_dir
         model.provenance = meta
         models.append(model)
+    device = compute_device()  # the MoE router weights are created on the host (see build_policy)
+    for m in models:
+        m.to(device)
     _load(models, hf_config, spec, weights, tp, pp, vpp, source)
     return models if vpp else models[0]
 

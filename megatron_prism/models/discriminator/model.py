@@ -87,8 +87,12 @@ class Qwen3VLDiscriminator(Qwen3VLPolicy):
             from megatron.core import parallel_state as ps
             import torch.distributed as dist
 
-            packed = torch.cat([load.flatten(), lb])
-            dist.all_reduce(packed, group=ps.get_tensor_model_parallel_group())
+            from megatron_prism.parallel.devices import to_comm_device
+
+            group = ps.get_tensor_model_parallel_group()
+            packed = to_comm_device(torch.cat([load.flatten(), lb.to(load.device)]), group)
+            dist.all_reduce(packed, group=group)
+            packed = packed.to(load.device)
             load, lb = packed[: load.numel()].view_as(load), packed[load.numel():]
         if reset:
             for r in routers:

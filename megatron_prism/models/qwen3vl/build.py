@@ -12,6 +12,7 @@ from megatron_prism.models.errors import CheckpointError
 from megatron_prism.models.qwen3vl.config import LayoutOptions, check_layout, transformer_config
 from megatron_prism.models.qwen3vl.model import Qwen3VLPolicy
 from megatron_prism.parallel import cpu_compat
+from megatron_prism.parallel.devices import compute_device
 from megatron_prism.parallel.state import current_layout, init_parallel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,6 +79,11 @@ def build_policy(
                 parallel_output=parallel_output,
             )
         )
+    # megatron allocates most weights on the current device, but not all (e.g. MoE router weights
+    # are created on the host and left for the trainer to move, as megatron's get_model does)
+    device = compute_device()
+    for m in models:
+        m.to(device)
     _load_weights(models, hf_config, source, layout.tp_rank, tp, pp, vpp, hf_dir)
     return models if vpp else models[0]
 
