@@ -23,8 +23,8 @@ from megatron_prism.data.records import RecordError
 from megatron_prism.stages.common import input_processor, run_evaluation
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
-from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, save,
-                                          start_or_resume)
+from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, final_figures,
+                                          save, start_or_resume)
 from megatron_prism.training.metrics import progress
 from megatron_prism.training.runtime import MicroBatch
 
@@ -68,7 +68,7 @@ def run_sft(ctx: StageContext) -> StageResult:
         state.extra["eval_before"] = metrics_at_start
 
     bar = progress(steps, state.step, "sft", every=cfg.run.log_every)
-    last: dict[str, float] = {}
+    last: dict[str, float] = dict(state.extra.get("final", {}))  # a stage resumed at its last step still reports them
     while state.step < steps:
         timer = Throughput()
         examples: list[DemonstrationInputs] = []
@@ -104,7 +104,8 @@ def run_sft(ctx: StageContext) -> StageResult:
         bar.step(last)
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("sft", state.step, run_evaluation(ctx, runtime, processor, label="during"))
-        checkpoint_or_stop(ctx, state, steps)
+        state.extra["final"] = final_figures(last)
+        checkpoint_or_stop(ctx, state, steps, loss=last["loss"] if reduced else None)
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root) or save(ctx, state)
     after = run_evaluation(ctx, runtime, processor, label="after") if ctx.stage.eval_every > 0 else {}
