@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline.prism_proc import ROOT, prism_argv, prism_env, shard_tensors, stage_checkpoint
+from tests.pipeline.prism_proc import ROOT, prism_argv, prism_env, report_figures, shard_tensors, stage_checkpoint
 
 STEPS = 6
 RUN = ["stages.rlvr.enabled=false", "stages.eval.enabled=false", "data.synth_sizes=sft=16,align=4,rl=4,eval=4",
@@ -51,18 +51,6 @@ def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 240
 def _finish(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(prism_argv(run_dir, *RUN, *extra), cwd=ROOT, env=prism_env(), capture_output=True,
                           text=True, timeout=300)
-
-
-def _figures(run_dir: Path) -> list[dict]:
-    """report.json's stages without wall times and throughput (those differ run to run)."""
-    out = []
-    for st in json.loads((run_dir / "report.json").read_text())["stages"]:
-        metrics = {k: v for k, v in st["metrics"].items()}
-        metrics["final"] = {k: v for k, v in metrics.get("final", {}).items()
-                            if not k.startswith(("time/", "throughput/", "sync/"))}
-        out.append({k: v for k, v in {**st, "metrics": metrics}.items()
-                    if k not in ("wall_seconds", "throughput", "checkpoint")})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +122,7 @@ def test_kill_lock_preempt_garble_then_resume_bit_exact(reference, tmp_path):
     assert ref.keys() == got.keys()
     differ = [k for k in ref if not torch.equal(ref[k], got[k])]
     assert not differ, f"{len(differ)} of {len(ref)} tensors differ after the faults, e.g. {differ[:3]}"
-    assert _figures(run_dir) == _figures(reference)
+    assert report_figures(run_dir) == report_figures(reference)
 
 
 def test_divergence_saves_no_poison_and_exits_3(tmp_path):
