@@ -86,6 +86,7 @@ def run_rlvr(ctx: StageContext) -> StageResult:
     records, skips = load_split(ctx.split_path("rl"), "rl", strict=not cfg.data.lenient)
     steps = ctx.stage.steps
     state = start_or_resume(ctx, records, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=1)
+    skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too
     runtime = state.runtime
     processor = input_processor(runtime.source, cfg.data)
     client = make_client(ctx, runtime)
@@ -127,6 +128,7 @@ def run_rlvr(ctx: StageContext) -> StageResult:
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("rlvr", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
         state.extra["final"] = final_figures(last)
+        state.extra["skips"] = skips.state_dict()
         checkpoint_or_stop(ctx, state, steps)
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root) or save(ctx, state)

@@ -19,7 +19,7 @@ from megatron_prism.algorithms.aggregation import GlobalCounts, aggregate
 from megatron_prism.data.loader import load_split
 from megatron_prism.data.packing import VisionTokens, pack_demonstrations
 from megatron_prism.data.processing import IGNORE_INDEX, DemonstrationInputs
-from megatron_prism.data.records import RecordError
+from megatron_prism.data.records import RecordError, reason_of
 from megatron_prism.stages.common import input_processor, run_evaluation
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
@@ -57,6 +57,7 @@ def run_sft(ctx: StageContext) -> StageResult:
     records, skips = load_split(ctx.split_path("sft"), "sft", strict=not cfg.data.lenient)
     steps = ctx.stage.steps
     state = start_or_resume(ctx, records, total_steps=steps)
+    skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too
     runtime = state.runtime
     processor = input_processor(runtime.source, cfg.data)
     hf = runtime.hf_config
@@ -78,7 +79,7 @@ def run_sft(ctx: StageContext) -> StageResult:
             except RecordError as err:
                 if not cfg.data.lenient:
                     raise
-                skips.skip("unprocessable", str(err))
+                skips.skip(reason_of(err), str(err), key=record.id)
         rows = pack_demonstrations(examples, cfg.data.max_seq_len, vision, pad_id=processor.pad_id,
                                    pad_to_multiple_of=multiple)
         micro_batches = _rows_to_micro_batches(rows)
@@ -105,6 +106,7 @@ def run_sft(ctx: StageContext) -> StageResult:
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("sft", state.step, run_evaluation(ctx, runtime, processor, label="during"))
         state.extra["final"] = final_figures(last)
+        state.extra["skips"] = skips.state_dict()
         checkpoint_or_stop(ctx, state, steps, loss=last["loss"] if reduced else None)
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root) or save(ctx, state)
