@@ -160,6 +160,12 @@ def _run_locked(cfg: PrismConfig, resume_from: str | Path | None) -> Path:
                     raise CheckpointError(f"--resume-from {resume_from}: stage {stage.name} already finished "
                                           f"({ctx.out_dir / 'result.json'}); delete that file to redo the stage")
                 ctx.resume_from = Path(resume_from)
+                if _rank0():
+                    from megatron_prism.training.checkpoint import set_aside_newer
+
+                    for moved in set_aside_newer(ctx.resume_from):
+                        print(f"[prism] --resume-from: newer checkpoint set aside as {moved}", flush=True)
+                _barrier()
             if result is None:
                 print(f"[prism] stage {stage.name}: starting from {source}", flush=True)
                 # Every RNG from (run seed, stage): a fresh stage does not depend on what ran before it.
@@ -243,12 +249,21 @@ def write_report(run_dir: Path, cfg: PrismConfig, results: list[StageResult], wa
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Written whole or not at all; a full disk is a CheckpointWriteError (exit 74), never a
+    traceback or half a report."""
+    from megatron_prism.training.checkpoint import CheckpointWriteError
+
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"{path} could not be written ({exc}); the stages' results are intact, "
+                                   "rerun to write the report") from None
 
 
 def curves_section(run_dir: Path) -> list[str]:

@@ -369,6 +369,22 @@ def choose_resume(root: str | Path, *, resume_from: str | Path | None = None) ->
     return Path(value) if value else None
 
 
+def set_aside_newer(path: str | Path) -> list[Path]:
+    """``--resume-from`` an older checkpoint: the newer ``step_*`` of the same stage are renamed
+    ``discarded-step_*`` (kept for the operator, never resumed from), so a later preemption does
+    not resume from the abandoned line. Rank 0; returns the renamed directories."""
+    path = Path(path)
+    step = int(path.name[len("step_"):])
+    moved = []
+    for newer in _step_dirs(path.parent):
+        if int(newer.name[len("step_"):]) > step:
+            target = newer.with_name("discarded-" + newer.name)
+            shutil.rmtree(target, ignore_errors=True)
+            newer.rename(target)
+            moved.append(target)
+    return moved
+
+
 def verify_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
     """Checks COMPLETE.json (sizes and sha256 of every file, the step, the layout) against the
     directory; returns the trainer state."""

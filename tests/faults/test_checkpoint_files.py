@@ -209,3 +209,26 @@ def test_full_tmpfs(tiny_dirs, tmp_path):
         _check_disk_full_outcome(_saver(src, mnt / "ck", limit=0), mnt / "ck")
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_resume_from_an_older_checkpoint(two_checkpoints):
+    root, first, newest = two_checkpoints
+    assert ckpt.choose_resume(root) == newest
+    assert ckpt.choose_resume(root, resume_from=first) == first
+    assert ckpt.set_aside_newer(first) == [root / "discarded-step_00000002"]
+    assert ckpt.newest_verified(root) == first  # the abandoned line is never resumed from
+    _garble(first / "rank_00000.pt", seed=5)
+    with pytest.raises(CheckpointError, match="rank_00000.pt: sha256"):
+        ckpt.choose_resume(root, resume_from=first)
+
+
+def test_resume_from_a_missing_directory_is_one_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "megatron_prism.cli", "run", str(ROOT / "examples/configs/tiny.yaml"),
+                           f"run.output_dir={tmp_path / 'run'}", "run.logger=none", "--resume-from",
+                           str(tmp_path / "nowhere" / "step_00000003")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"prism: error: --resume-from {tmp_path / 'nowhere' / 'step_00000003'}: "
+                                                    "no such checkpoint directory")
+    assert "Traceback" not in proc.stderr
