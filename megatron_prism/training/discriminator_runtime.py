@@ -217,8 +217,9 @@ class DiscriminatorRuntime:
                 shutil.rmtree(tmp, ignore_errors=True)
             _barrier()
             previous = ckpt.newest_complete(root)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
             raise ckpt.CheckpointWriteError(f"discriminator checkpoint at step {step} could not be written ({error}); "
-                                            f"{'the previous checkpoint ' + str(previous) + ' is intact' if previous else 'no earlier checkpoint exists'}")
+                                            f"{kept}")
         _barrier()
         # The config/tokenizer files of later saves come from the newest checkpoint, never from
         # one that pruning may delete (e.g. the checkpoint a resumed run was built from).

@@ -229,6 +229,6 @@ def test_resume_from_a_missing_directory_is_one_line(tmp_path):
                            str(tmp_path / "nowhere" / "step_00000003")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == (f"prism: error: --resume-from {tmp_path / 'nowhere' / 'step_00000003'}: "
-                                                    "no such checkpoint directory")
+    missing = tmp_path / "nowhere" / "step_00000003"
+    assert proc.stderr.strip().splitlines()[-1] == f"prism: error: --resume-from {missing}: no such checkpoint directory"
     assert "Traceback" not in proc.stderr

@@ -104,7 +104,8 @@ def test_kill_lock_preempt_garble_then_resume_bit_exact(reference, tmp_path):
         # 3. The newest checkpoint is garbled in place (same size): the last rerun passes over it in
         #    one line and resumes from the one before.
         newest = stage_checkpoint(run_dir, "sft")
-        garble = len(list(newest.parent.glob("step_*"))) > 1  # one to fall back to (not so when killed before step 1's save)
+        # one to fall back to (not so when the kill came before step 1's save)
+        garble = len(list(newest.parent.glob("step_*"))) > 1
         if garble:
             shard = newest / "mp_rank_00_000.safetensors"
             data = bytearray(shard.read_bytes())
