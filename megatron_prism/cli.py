@@ -32,16 +32,33 @@ def _err(message: str) -> None:
     print(f"prism: error: {message}", file=sys.stderr)
 
 
-def run_pipeline(cfg: PrismConfig) -> int:
-    """Run the enabled stages in pipeline order (see ``STAGE_ORDER``) and print the report paths."""
+# Exit statuses of ``prism run`` (README "Exit codes"): a Slurm script requeues on 75.
+EXIT_OK, EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_PREEMPTED = 0, 2, 3, 74, 75
+
+
+def run_pipeline(cfg: PrismConfig, resume_from: str | None = None) -> int:
+    """Run the enabled stages in pipeline order (see ``STAGE_ORDER``) and print the report paths.
+    Preemption (75), divergence (3) and a failed checkpoint write (74) are one line each."""
     from megatron_prism.models.errors import CheckpointError
     from megatron_prism.pipeline import run
+    from megatron_prism.training.checkpoint import CheckpointWriteError
+    from megatron_prism.training.optimizer import TrainingDiverged
+    from megatron_prism.training.preemption import Preempted
 
     try:
-        report = run(cfg)
+        report = run(cfg, resume_from=resume_from)
     except (CheckpointError, FileNotFoundError) as exc:
         _err(str(exc))
-        return 2
+        return EXIT_USER_ERROR
+    except Preempted as exc:
+        print(f"prism: {exc}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    except TrainingDiverged as exc:
+        _err(f"training diverged: {exc}")
+        return EXIT_DIVERGED
+    except CheckpointWriteError as exc:
+        _err(str(exc))
+        return EXIT_WRITE_FAILED
     print(f"[prism] report: {report} and {report.with_suffix('.json')}")
     return 0
 
@@ -74,6 +91,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _checked_config(args, world_size=launched_world_size())
     if cfg is None:
         return 0
+    import os
+
+    from megatron_prism.training.run_lock import RunLock
+
+    # Before anything is written there: a second run on this directory refuses here, in one line.
+    lock = RunLock(cfg.run.output_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
+    try:
+        return _run_locked(args, cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(args: argparse.Namespace, cfg: PrismConfig) -> int:
     try:
         resolved = dump_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
     except OSError as exc:
@@ -83,7 +114,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     skipped = [n for n in STAGE_ORDER if n not in cfg.stages or not cfg.stages[n].enabled]
     if skipped:
         print(f"stages disabled or absent: {', '.join(skipped)}")
-    return run_pipeline(cfg)
+    return run_pipeline(cfg, resume_from=args.resume_from)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -191,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-6")
     run.add_argument("--print-config", action="store_true",
                     help="print the resolved config (file + overrides) as YAML and exit")
+    run.add_argument("--resume-from", metavar="PATH", default=None,
+                     help="resume from this stage checkpoint (<run>/<stage>/checkpoints/step_N) instead of the "
+                          "newest one that verifies")
     run.set_defaults(handler=_cmd_run)
 
     ev = sub.add_parser("eval", help="k-sample evaluation of a checkpoint on held-out records and/or benchmarks")
@@ -291,8 +325,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from megatron_prism.plan.shapes import PlanError
     from megatron_prism.plots import PlotError
     from megatron_prism.registry import UnknownNameError
+    from megatron_prism.training.run_lock import RunLocked
 
-    return ConfigError, RecordError, CheckpointError, PlanError, PlotError, UnknownNameError
+    return ConfigError, RecordError, CheckpointError, PlanError, PlotError, UnknownNameError, RunLocked
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,11 +91,43 @@ def prepare_model(cfg: PrismConfig, run_dir: Path, data_root: Path) -> Path:
     return path
 
 
-def run(cfg: PrismConfig) -> Path:
-    """Runs the enabled stages; returns the path of report.md."""
+def run(cfg: PrismConfig, *, resume_from: str | Path | None = None) -> Path:
+    """Runs the enabled stages; returns the path of report.md. ``resume_from``: a stage checkpoint
+    to resume that stage from (the stages before it must have finished).
+
+    Rank 0 first takes the run directory's OS lock (``training.run_lock``): a second run on the
+    same directory refuses in one line before touching anything."""
+    from megatron_prism.training.run_lock import RunLock
+
+    lock = RunLock(cfg.run.output_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
+    try:
+        return _run_locked(cfg, resume_from)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume_stage(resume_from: str | Path | None) -> str | None:
+    if resume_from is None:
+        return None
+    from megatron_prism.models.errors import CheckpointError
+    from megatron_prism.training.checkpoint import TRAINER_STATE
+    from megatron_prism.training.integrity import read_json
+
+    path = Path(resume_from)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume-from {path}: no such checkpoint directory")
+    state = read_json(path / TRAINER_STATE)
+    return state.get("stage") if isinstance(state, dict) else None
+
+
+def _run_locked(cfg: PrismConfig, resume_from: str | Path | None) -> Path:
     from megatron_prism.parallel.state import init_parallel
+    from megatron_prism.training.checkpoint import seed_every_rng, stage_seed
+    from megatron_prism.training.optimizer import TrainingDiverged
 
     _register_stages()
+    resume_stage = _resume_stage(resume_from)
     from megatron_prism.training import preemption
 
     preemption.install()  # SIGUSR1/SIGTERM (Slurm's warning before the time limit): checkpoint, exit 75
@@ -121,9 +153,31 @@ def run(cfg: PrismConfig) -> Path:
                                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                                artifacts=dict(artifacts))
             result = finished_result(ctx)
+            if stage.name == resume_stage:
+                if result is not None:
+                    from megatron_prism.models.errors import CheckpointError
+
+                    raise CheckpointError(f"--resume-from {resume_from}: stage {stage.name} already finished "
+                                          f"({ctx.out_dir / 'result.json'}); delete that file to redo the stage")
+                ctx.resume_from = Path(resume_from)
+                if _rank0():
+                    from megatron_prism.training.checkpoint import set_aside_newer
+
+                    for moved in set_aside_newer(ctx.resume_from):
+                        print(f"[prism] --resume-from: newer checkpoint set aside as {moved}", flush=True)
+                _barrier()
             if result is None:
                 print(f"[prism] stage {stage.name}: starting from {source}", flush=True)
-                result = STAGES.get(stage.name)(ctx)
+                # Every RNG from (run seed, stage): a fresh stage does not depend on what ran before it.
+                seed_every_rng(stage_seed(cfg.run.seed, stage.name))
+                try:
+                    result = STAGES.get(stage.name)(ctx)
+                except TrainingDiverged as exc:
+                    from megatron_prism.training.checkpoint import newest_complete
+
+                    good = newest_complete(ctx.checkpoint_root)
+                    raise TrainingDiverged(f"stage {stage.name}: {exc}; newest healthy checkpoint: "
+                                           f"{good or 'none (the stage saved none)'}") from None
                 write_result(ctx, result)
             else:
                 print(f"[prism] stage {stage.name}: already finished, skipped", flush=True)
@@ -169,7 +223,7 @@ def write_report(run_dir: Path, cfg: PrismConfig, results: list[StageResult], wa
     throughput = {r.stage: stage_throughput(run_dir, r.stage) for r in results}
     data = {"config": str(run_dir / "config.yaml"), "wall_seconds_this_invocation": wall,
             "stages": [{**r.to_json(), "throughput": throughput[r.stage]} for r in results]}
-    (run_dir / "report.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+    _write_atomic(run_dir / "report.json", json.dumps(data, indent=1, sort_keys=True))
     ro = cfg.rollout
     protocol = (f"mean over {ro.val_n} samples per item at temperature {ro.val_temperature:g}, pass@{ro.val_n} beside it"
                 if ro.val_temperature > 0 and ro.val_n > 1 else "greedy decoding")
@@ -190,8 +244,26 @@ def write_report(run_dir: Path, cfg: PrismConfig, results: list[StageResult], wa
                      f"| {speed[0]} | {speed[1]} | {skipped} |")
     lines += discriminator_table(results)
     lines += curves_section(run_dir)
-    md.write_text("\n".join(lines) + "\n")
+    _write_atomic(md, "\n".join(lines) + "\n")
     return md
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Written whole or not at all; a full disk is a CheckpointWriteError (exit 74), never a
+    traceback or half a report."""
+    from megatron_prism.training.checkpoint import CheckpointWriteError
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"{path} could not be written ({exc}); the stages' results are intact, "
+                                   "rerun to write the report") from None
 
 
 def curves_section(run_dir: Path) -> list[str]:

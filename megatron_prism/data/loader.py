@@ -96,12 +96,36 @@ class ShardedLoader(Generic[T]):
         self._order = self._permutation(self.epoch)
 
 
+def check_images(records: Sequence[Record], *, workers: int | None = None, label: str = "") -> None:
+    """Strict mode: decode every image of a split when it is opened (threads; a progress line per
+    tenth), so a bad image stops the run now, naming its record, not when its batch comes up."""
+    import logging
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from megatron_prism.data.images import load_image
+
+    log = logging.getLogger(__name__)
+    jobs = [(img, rec.origin or rec.id) for rec in records for img in rec.images]
+    if not jobs:
+        return
+    every = max(len(jobs) // 10, 1)
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        # map keeps the order: the first bad image in file order is the one reported
+        for done, _ in enumerate(pool.map(lambda job: load_image(*job), jobs), start=1):
+            if done % every == 0 or done == len(jobs):
+                log.info("%s: checked %d/%d images", label or "split", done, len(jobs))
+
+
 def load_split(path: str | Path, kind: SplitKind, *, strict: bool = False) -> tuple[list[Record], SkipCounter]:
-    """All records of a data file (or of every .jsonl/.json/.parquet file of a directory, sorted)."""
+    """All records of a data file (or of every .jsonl/.json/.parquet file of a directory, sorted).
+    With ``strict`` every image is decoded up front too (:func:`check_images`)."""
     path = Path(path)
     files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"no {'/'.join(DATA_SUFFIXES)} data files in {path}")
     skips = SkipCounter()
     records = [r for f in files for r in read_records(f, kind, strict=strict, skips=skips)]
+    if strict:
+        check_images(records, label=str(path))
     return records, skips

@@ -113,12 +113,30 @@ class SkipCounter:
     examples: dict[str, list[str]] = field(default_factory=dict)
     log_first: int = 3
 
-    def skip(self, reason: str, message: str) -> None:
+    # Records already counted (by key, e.g. a record id): a record whose image cannot be decoded
+    # comes up again every epoch but is one skipped record.
+    seen_keys: set[str] = field(default_factory=set)
+
+    def skip(self, reason: str, message: str, *, key: str | None = None) -> None:
+        if key is not None:
+            if key in self.seen_keys:
+                return
+            self.seen_keys.add(key)
         self.counts[reason] += 1
         seen = self.examples.setdefault(reason, [])
         if len(seen) < self.log_first:
             seen.append(message)
             log.warning("skipping record: %s", message)
+
+    def state_dict(self) -> dict[str, Any]:
+        """For the checkpoint's trainer state: a resumed stage goes on counting from here."""
+        return {"counts": dict(self.counts), "keys": sorted(self.seen_keys)}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Replaces the counts (those of reading the files are the same in every process)."""
+        if state:
+            self.counts = Counter(state.get("counts", {}))
+            self.seen_keys = set(state.get("keys", []))
 
     @property
     def total(self) -> int:
@@ -215,13 +233,23 @@ def parse_record(obj: Any, *, kind: SplitKind, base_dir: Path, where: str) -> Re
     return record
 
 
+# (phrase of the message, reason): the most specific first. Matched on the message's own words,
+# never on the file name a message starts with (a path may well contain "JSON").
+_REASONS = (("does not exist", "missing image"), ("cannot be decoded", "bad image"), ("not UTF-8", "UTF-8"),
+            ("malformed JSON", "JSON"), ("non-empty", "empty field"), ("markers", "image count"),
+            ("unknown field", "unknown field"), ("'id' must", "bad id"))
+
+
+def reason_of(err: RecordError) -> str:
+    """The skip reason of a record error, from the message's own words."""
+    return _reason(err)
+
+
 def _reason(err: RecordError) -> str:
     text = str(err)
-    for reason in ("JSON", "UTF-8", "does not exist", "non-empty", "markers", "unknown field", "'id' must"):
-        if reason in text:
-            return {"does not exist": "missing image", "non-empty": "empty field", "markers": "image count",
-                    "unknown field": "unknown field", "'id' must": "bad id"}.get(reason, reason)
-    return "invalid record"
+    where, sep, rest = text.partition(": ")
+    body = rest if sep else text
+    return next((reason for phrase, reason in _REASONS if phrase in body), "invalid record")
 
 
 def read_jsonl(path: str | Path, kind: SplitKind, *, strict: bool = False,

@@ -15,7 +15,7 @@ from megatron_prism.data import chat
 from megatron_prism.data.images import settings_for_model
 from megatron_prism.data.loader import load_split
 from megatron_prism.data.processing import InputProcessor, load_tokenizer
-from megatron_prism.data.records import Record, RecordError
+from megatron_prism.data.records import Record, RecordError, reason_of
 from megatron_prism.models.qwen3vl.config import read_hf_config
 from megatron_prism.rewards import get_reward
 from megatron_prism.rollout import GenerationRequest, GenerationResult, SamplingParams
@@ -54,7 +54,7 @@ def prompt_requests(processor: InputProcessor, records: Sequence[Record], skips=
         except RecordError as err:
             if skips is None:
                 raise
-            skips.skip("unprocessable", str(err))
+            skips.skip(reason_of(err), str(err), key=rec.id)
             continue
         requests.append(GenerationRequest(p.input_ids.tolist(), p.pixel_values, p.image_grid_thw, rec.id))
         kept.append(rec)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_prism.algorithms.discriminator_loss import bradley_terry_loss
 from megatron_prism.data.processing import InputProcessor
-from megatron_prism.data.records import Record, RecordError
+from megatron_prism.data.records import Record, RecordError, reason_of
 from megatron_prism.models.discriminator import ScoreBatch, ScoreItem, is_discriminator_checkpoint, upcycle_to_checkpoint
 from megatron_prism.rollout import GenerationRequest, GenerationResult, SamplingParams
 from megatron_prism.rollout.client import RolloutClient
@@ -98,7 +98,7 @@ def sample_pairs(ctx: StageContext, processor: InputProcessor, client: RolloutCl
         except RecordError as err:
             if skips is None:
                 raise
-            skips.skip("unprocessable", str(err))
+            skips.skip(reason_of(err), str(err), key=rec.id)
             continue
         requests, _ = prompt_requests(processor, [rec])
         kept_requests += requests

@@ -21,8 +21,8 @@ from megatron_prism.stages.common import (
 )
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
-from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, save,
-                                          start_or_resume)
+from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, final_figures,
+                                          save, start_or_resume)
 from megatron_prism.training.metrics import progress
 from megatron_prism.stages.policy_update import dp_sum, rollout_seed, update_metrics, update_policy
 from megatron_prism.training.runtime import PolicyRuntime
@@ -86,6 +86,7 @@ def run_rlvr(ctx: StageContext) -> StageResult:
     records, skips = load_split(ctx.split_path("rl"), "rl", strict=not cfg.data.lenient)
     steps = ctx.stage.steps
     state = start_or_resume(ctx, records, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=1)
+    skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too
     runtime = state.runtime
     processor = input_processor(runtime.source, cfg.data)
     client = make_client(ctx, runtime)
@@ -95,7 +96,7 @@ def run_rlvr(ctx: StageContext) -> StageResult:
     if before is None and ctx.stage.eval_every > 0:
         before = state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
     bar = progress(steps, state.step, "rlvr", every=cfg.run.log_every)
-    last: dict[str, float] = {}
+    last: dict[str, float] = dict(state.extra.get("final", {}))  # a stage resumed at its last step still reports them
     while state.step < steps:
         timer = Throughput()
         runtime.train()
@@ -126,6 +127,8 @@ def run_rlvr(ctx: StageContext) -> StageResult:
         bar.step(last)
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("rlvr", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
+        state.extra["final"] = final_figures(last)
+        state.extra["skips"] = skips.state_dict()
         checkpoint_or_stop(ctx, state, steps)
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root) or save(ctx, state)

@@ -19,13 +19,13 @@ from megatron_prism.algorithms.aggregation import GlobalCounts, aggregate
 from megatron_prism.data.loader import load_split
 from megatron_prism.data.packing import VisionTokens, pack_demonstrations
 from megatron_prism.data.processing import IGNORE_INDEX, DemonstrationInputs
-from megatron_prism.data.records import RecordError
+from megatron_prism.data.records import RecordError, reason_of
 from megatron_prism.parallel.devices import host_group
 from megatron_prism.stages.common import input_processor, run_evaluation
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
-from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, save,
-                                          start_or_resume)
+from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, final_figures,
+                                          save, start_or_resume)
 from megatron_prism.training.metrics import progress
 from megatron_prism.training.runtime import MicroBatch, step_figures
 
@@ -56,6 +56,7 @@ def run_sft(ctx: StageContext) -> StageResult:
     records, skips = load_split(ctx.split_path("sft"), "sft", strict=not cfg.data.lenient)
     steps = ctx.stage.steps
     state = start_or_resume(ctx, records, total_steps=steps)
+    skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too
     runtime = state.runtime
     processor = input_processor(runtime.source, cfg.data)
     hf = runtime.hf_config
@@ -67,7 +68,7 @@ def run_sft(ctx: StageContext) -> StageResult:
         state.extra["eval_before"] = metrics_at_start
 
     bar = progress(steps, state.step, "sft", every=cfg.run.log_every)
-    last: dict[str, float] = {}
+    last: dict[str, float] = dict(state.extra.get("final", {}))  # a stage resumed at its last step still reports them
     while state.step < steps:
         timer = Throughput()
         examples: list[DemonstrationInputs] = []
@@ -77,7 +78,7 @@ def run_sft(ctx: StageContext) -> StageResult:
             except RecordError as err:
                 if not cfg.data.lenient:
                     raise
-                skips.skip("unprocessable", str(err))
+                skips.skip(reason_of(err), str(err), key=record.id)
         rows = pack_demonstrations(examples, cfg.data.max_seq_len, vision, pad_id=processor.pad_id,
                                    pad_to_multiple_of=multiple)
         micro_batches = _rows_to_micro_batches(rows)
@@ -105,7 +106,9 @@ def run_sft(ctx: StageContext) -> StageResult:
         bar.step(last)
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("sft", state.step, run_evaluation(ctx, runtime, processor, label="during"))
-        checkpoint_or_stop(ctx, state, steps)
+        state.extra["final"] = final_figures(last)
+        state.extra["skips"] = skips.state_dict()
+        checkpoint_or_stop(ctx, state, steps, loss=last["loss"] if reduced else None)
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root) or save(ctx, state)
     after = run_evaluation(ctx, runtime, processor, label="after") if ctx.stage.eval_every > 0 else {}

@@ -28,7 +28,7 @@ from megatron_prism.stages.discriminator_common import (
 )
 from megatron_prism.stages.policy_update import rollout_seed
 from megatron_prism.training import preemption
-from megatron_prism.training.checkpoint import latest_checkpoint
+from megatron_prism.training.checkpoint import choose_resume, latest_checkpoint
 from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime, optimizer_config
 from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import StageContext, StageResult, Throughput
@@ -49,7 +49,7 @@ def run_warmup(ctx: StageContext) -> StageResult:
     processor = input_processor(policy.source, cfg.data)
     loader = ShardedLoader(train, ctx.stage.global_batch_size, seed=cfg.data.seed + 3, dp_rank=ctx.dp_rank,
                            dp_size=ctx.dp_size)
-    latest = latest_checkpoint(ctx.checkpoint_root)
+    latest = choose_resume(ctx.checkpoint_root, resume_from=ctx.resume_from)
     optim = optimizer_config(cfg, "warmup", steps)
     source = latest / "model" if latest else starting_discriminator(ctx)
     disc = DiscriminatorRuntime.build(source, cfg, processor.tokenizer, pad_id=processor.pad_id, optim=optim,
@@ -96,9 +96,8 @@ def run_warmup(ctx: StageContext) -> StageResult:
         if saved:
             checkpoint()
         if preemption.should_stop():
-            if not saved:
-                checkpoint()
-            raise preemption.Preempted("warmup", step)
+            raise preemption.Preempted("warmup", step, checkpoint=checkpoint() if not saved else
+                                       latest_checkpoint(ctx.checkpoint_root))
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root) or checkpoint()
     after, _ = heldout_eval(ctx, disc, processor, client, policy.hf_config, heldout, label="after", pairs=pairs)

@@ -15,7 +15,6 @@ renamed into place, ``latest`` names the newest, so a kill leaves the previous o
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
@@ -32,7 +31,7 @@ from megatron_prism.models.discriminator import (
     DiscriminatorSpec, PartFinder, ScoreBatch, ScoreItem, VisionTokens, build_discriminator, make_score_batch,
     save_discriminator,
 )
-from megatron_prism.parallel.devices import model_dtype, to_comm_device
+from megatron_prism.parallel.devices import host_group, model_dtype, to_comm_device
 from megatron_prism.training import checkpoint as ckpt
 from megatron_prism.training.optimizer import PolicyOptimizer, StepResult
 from megatron_prism.training.runtime import forward_backward, model_device, wrap_ddp
@@ -186,26 +185,45 @@ class DiscriminatorRuntime:
 
     def save(self, root: Path, step: int, trainer_state: dict[str, Any], *, keep_last: int = 2) -> Path:
         """Collective: model + optimizer + RNG at ``root/step_N`` (atomic rename), ``latest`` updated."""
+        from megatron_prism.training.integrity import tree_digests, write_json, write_torch
+
         root = Path(root)
         final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        save_discriminator(self.chunks, tmp / "model")
-        state = {"optimizer": self.optimizer.state_dict() if self.optimizer else {}, "rng": ckpt.rng_state()}
-        torch.save(state, tmp / f"rank_{rank:05d}.pt")
-        _barrier()
-        if rank == 0:
-            (tmp / ckpt.TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step, "world_size":
-                                                              dist.get_world_size() if dist.is_initialized() else 1}))
-            if final.exists():
-                shutil.rmtree(final)  # the same step written again after a resume
-            tmp.rename(final)
-            (root / (ckpt.LATEST + ".tmp")).write_text(final.name + "\n")
-            (root / (ckpt.LATEST + ".tmp")).replace(root / ckpt.LATEST)
-            ckpt._prune(root, keep_last)
+        ok = torch.tensor([1], dtype=torch.int32)
+        error = "another rank failed"
+        try:
+            if rank == 0:
+                root.mkdir(parents=True, exist_ok=True)
+                ckpt.remove_stale_temporaries(root)
+                tmp.mkdir()
+            _barrier()
+            save_discriminator(self.chunks, tmp / "model")
+            state = {"optimizer": self.optimizer.state_dict() if self.optimizer else {}, "rng": ckpt.rng_state()}
+            write_torch(tmp / f"rank_{rank:05d}.pt", state)
+        except Exception as exc:  # noqa: BLE001 - any writer's failure (disk full): nothing half-written kept
+            ok[0], error = 0, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=host_group())  # collective (host, gloo): the write phase's ok
+        if ok[0] and rank == 0:
+            try:
+                world = dist.get_world_size() if dist.is_initialized() else 1
+                write_json(tmp / ckpt.TRAINER_STATE, {**trainer_state, "step": step, "world_size": world})
+                # The discriminator's files are hashed after they are written (small next to the policy).
+                ckpt.commit(root, tmp, step, {n: d.to_json() for n, d in tree_digests(tmp).items()},
+                            keep_last=keep_last)
+            except Exception as exc:  # noqa: BLE001 - as above
+                ok[0], error = 0, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if dist.is_initialized():
+            dist.broadcast(ok, src=0, group=host_group())  # collective (host, gloo): rank 0's finalisation ok
+        if not ok[0]:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _barrier()
+            previous = ckpt.newest_complete(root)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise ckpt.CheckpointWriteError(f"discriminator checkpoint at step {step} could not be written ({error}); "
+                                            f"{kept}")
         _barrier()
         # The config/tokenizer files of later saves come from the newest checkpoint, never from
         # one that pruning may delete (e.g. the checkpoint a resumed run was built from).
@@ -216,13 +234,13 @@ class DiscriminatorRuntime:
     def load_state(self, path: Path, *, rng: bool = True) -> dict[str, Any]:
         """Optimizer (+ RNG unless ``rng=False``) of this rank from ``path`` (the model was built
         from ``path/model``); returns the trainer state."""
-        trainer = json.loads((path / ckpt.TRAINER_STATE).read_text())
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if trainer["world_size"] != world:
+        trainer = ckpt.verify_checkpoint(path, world)
+        if trainer.get("world_size", world) != world:
             raise ckpt.CheckpointError(f"{path}: written by {trainer['world_size']} ranks, this job has {world}; "
                                        "resume with the same layout")
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        state = torch.load(path / f"rank_{rank:05d}.pt", weights_only=True)
+        loaded = ckpt.load_checkpoint(path)
+        state = loaded.rank_state
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if rng:
@@ -232,7 +250,7 @@ class DiscriminatorRuntime:
 
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=host_group())  # host (gloo), as the policy checkpoint's
 
 
 def _on_device(batch: ScoreBatch, device: torch.device) -> ScoreBatch:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_prism.config.schema import PrismConfig, StageConfig
 from megatron_prism.data.loader import ShardedLoader
 from megatron_prism.models.conversion.hf_io import copy_non_weight_files
+from megatron_prism.parallel.devices import host_group
 from megatron_prism.training import checkpoint as ckpt
 from megatron_prism.training.metrics import MetricsLogger
 from megatron_prism.training.runtime import PolicyRuntime
@@ -46,6 +47,8 @@ class StageContext:
     # What earlier stages handed on besides their weights, by name (e.g. WARMUP's trained
     # discriminator for ALIGN): collected by the pipeline from ``result.metrics["artifacts"]``.
     artifacts: dict[str, str] = field(default_factory=dict)
+    # ``prism run --resume-from``: the checkpoint this stage resumes from instead of its newest.
+    resume_from: Path | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -101,18 +104,23 @@ def start_or_resume(ctx: StageContext, items: list, *, total_steps: int, seed_of
     cfg = ctx.cfg
     seed = cfg.run.seed + seed_offset
     optim = cfg.optim if ctx.stage.lr is None else replace(cfg.optim, lr=ctx.stage.lr)
-    latest = ckpt.latest_checkpoint(ctx.checkpoint_root)
+    latest = ckpt.choose_resume(ctx.checkpoint_root, resume_from=ctx.resume_from)
     loader = ShardedLoader(items, ctx.stage.global_batch_size, seed=cfg.data.seed + seed_offset,
                            dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
     if latest is None:
+        ckpt.seed_every_rng(ckpt.stage_seed(seed, ctx.stage.name))
         runtime = PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, optim, total_steps=total_steps, seed=seed)
         return TrainingState(runtime, loader, 0, {})
     loaded = ckpt.load_checkpoint(latest)
     runtime = PolicyRuntime.build(latest, cfg.model, cfg.parallel, optim, total_steps=total_steps, seed=seed)
+    # What the stage reads later (config, tokenizer, processor files) comes from the stage's stable
+    # copy, never from ``latest``, which pruning deletes.
+    runtime.source = stage_hf_files(ctx, runtime.source)
     runtime.optimizer.load_state_dict(loaded.rank_state["optimizer"])
     loader.load_state_dict(loaded.trainer_state["loader"])
     ckpt.set_rng_state(loaded.rank_state["rng"])
     log.info("%s: resumed from %s (step %d)", ctx.stage.name, latest, loaded.trainer_state["step"])
+    print(f"[prism] stage {ctx.stage.name}: resumed from {latest} (step {loaded.trainer_state['step']})", flush=True)
     return TrainingState(runtime, loader, int(loaded.trainer_state["step"]), loaded.trainer_state.get("extra", {}))
 
 
@@ -161,15 +169,43 @@ class Throughput:
         return out
 
 
-def checkpoint_or_stop(ctx: StageContext, state: TrainingState, steps: int) -> None:
-    """After a step: checkpoint when one is due, and on a preemption request (signal or stop
-    file, see ``training.preemption``) make sure this step is saved, then exit with status 75."""
+_TIMING_PREFIXES = ("time/", "throughput/", "sync/")
+
+
+def final_figures(last: dict[str, float]) -> dict[str, float]:
+    """A step's figures without the timings, kept in the trainer state so that a stage resumed at
+    its last step still reports them (timings differ run to run; they stay out of the checkpoint)."""
+    return {k: v for k, v in last.items() if not k.startswith(_TIMING_PREFIXES)}
+
+
+def healthy(state: TrainingState, loss: float | None = None) -> bool:
+    """Collective: no skip streak, a finite loss, finite weights on every rank (a save now would
+    not poison a resume)."""
+    import math
+
+    import torch
+
+    ok = state.runtime.optimizer.skipped_in_a_row == 0 and (loss is None or math.isfinite(loss))
+    ok = ok and all(bool(torch.isfinite(p).all()) for c in state.runtime.chunks for p in c.parameters())
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=host_group())  # collective (host, gloo): the health flag
+    return bool(flag[0])
+
+
+def checkpoint_or_stop(ctx: StageContext, state: TrainingState, steps: int, *, loss: float | None = None) -> None:
+    """After a step: checkpoint when one is due (and the state is healthy: never during a skip
+    streak or with a non-finite loss/weight), and on a preemption request (signal or stop file,
+    see ``training.preemption``) make sure this step is saved, then exit with status 75."""
     from megatron_prism.training import preemption
 
     due = state.step % ctx.stage.save_every == 0 or state.step == steps
-    if due:
-        save(ctx, state)
+    saved = None
+    if due or preemption.should_stop():
+        if healthy(state, loss):
+            saved = save(ctx, state)
+        else:
+            log.warning("%s step %d: not saved (skip streak or non-finite loss/weights)", ctx.stage.name, state.step)
     if preemption.should_stop():
-        if not due:
-            save(ctx, state)
-        raise preemption.Preempted(ctx.stage.name, state.step)
+        raise preemption.Preempted(ctx.stage.name, state.step,
+                                   checkpoint=saved or ckpt.newest_complete(ctx.checkpoint_root))

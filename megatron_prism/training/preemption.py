@@ -48,12 +48,14 @@ _installed: dict[int, object] = {}
 class Preempted(SystemExit):
     """Raised by a stage loop after it checkpointed in response to a stop request."""
 
-    def __init__(self, stage: str, step: int) -> None:
+    def __init__(self, stage: str, step: int, checkpoint: Path | str | None = None) -> None:
         super().__init__(EXIT_PREEMPTED)
-        self.stage, self.step = stage, step
+        self.stage, self.step, self.checkpoint = stage, step, checkpoint
 
     def __str__(self) -> str:
-        return f"stage {self.stage} stopped cleanly after step {self.step} (checkpoint written); rerun to resume"
+        where = f"checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint yet"
+        return (f"preempted: stage {self.stage} stopped after step {self.step} ({where}); rerun the same command "
+                f"to resume (exit {EXIT_PREEMPTED}: requeue)")
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:

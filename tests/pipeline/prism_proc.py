@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,21 @@ def run_prism(out_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 300
 def stage_checkpoint(run_dir: Path, stage: str) -> Path:
     ckpts = run_dir / stage / "checkpoints"
     return ckpts / (ckpts / "latest").read_text().strip()
+
+
+_TIMINGS = ("time/", "throughput/", "sync/")
+
+
+def report_figures(run_dir: Path) -> list[dict]:
+    """Every figure of report.json's stages except wall times, throughput and paths (those differ
+    run to run), for comparing an interrupted run with an uninterrupted one."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not k.startswith(_TIMINGS) and k != "artifacts"}
+        return value
+
+    return [strip({k: v for k, v in st.items() if k not in ("wall_seconds", "throughput", "checkpoint")})
+            for st in json.loads((run_dir / "report.json").read_text())["stages"]]
 
 
 @dataclass(frozen=True)

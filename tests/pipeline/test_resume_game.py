@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline.prism_proc import ROOT, prism_argv, prism_env, run_prism, shard_tensors
+from tests.pipeline.prism_proc import ROOT, prism_argv, prism_env, report_figures, run_prism, shard_tensors
 from tests.pipeline.test_resume import _kill_at
 
 GAME2 = ["stages.sft.enabled=false", "stages.rlvr.enabled=false", "stages.eval.enabled=false",
@@ -58,3 +58,20 @@ def test_align_resume_after_sigkill_is_bit_exact(warm, game_reference, tmp_path)
     # The game moved both players (a comparison of unchanged weights would prove nothing).
     start = shard_tensors(warm.checkpoint)
     assert any(not torch.equal(ref_policy[k], start[k]) for k in ref_policy if k in start)
+
+
+def test_align_restarted_from_scratch_reproduces(warm, game_reference, tmp_path):
+    """Killed in ALIGN's first step, before its first checkpoint: the rerun starts ALIGN afresh in
+    a process where WARMUP did not run, and still reproduces every figure of the report (each stage
+    seeds every RNG from (run seed, stage), whatever ran before it in the process)."""
+    run_dir = tmp_path / "run"
+    overrides = [*warm.overrides(), *GAME2]
+    _kill_at("align.update@1", run_dir, overrides)
+    assert not list((run_dir / "align").glob("checkpoints/step_*"))
+    proc = subprocess.run(prism_argv(run_dir, *overrides), cwd=ROOT, env=prism_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "stage warmup: already finished" in proc.stdout
+    assert report_figures(run_dir) == report_figures(game_reference)
+    ref_policy, got_policy = (shard_tensors(_latest(d / "align" / "checkpoints")) for d in (game_reference, run_dir))
+    assert [k for k in ref_policy if not torch.equal(ref_policy[k], got_policy[k])] == []

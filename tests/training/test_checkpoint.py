@@ -94,10 +94,13 @@ def test_failed_write_keeps_the_previous_checkpoint(tiny_dirs, tmp_path, monkeyp
     ddp, opt = _setup(src)
     first = _save(tmp_path / "ck", 1, ddp, opt, src)
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def disk_full(*args, **kwargs):  # what safetensors raises on a full disk (not an OSError)
+        from safetensors import SafetensorError
 
-    monkeypatch.setattr(ckpt, "save_file", disk_full)
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    # The real disk-full paths are in tests/faults; this one checks a non-OSError writer error.
+    monkeypatch.setattr(ckpt, "write_safetensors", disk_full)
     with pytest.raises(ckpt.CheckpointWriteError, match=r"step 2 .*No space left.*step_00000001 is intact"):
         _save(tmp_path / "ck", 2, ddp, opt, src)
     monkeypatch.undo()
