@@ -267,6 +267,10 @@ check gpu_kernel_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu "$REPO/
     --junitxml="$OUT/gpu_kernel_tests.xml"
 check device_audit 150 "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/test_device_audit.py" -k device_audit \
     --junitxml="$OUT/device_audit.xml"
+# issue 15's quick kernel figures and issue 13's SGLang-layout CUDA-IPC weight hand-off (bit-exact,
+# and the 8B-shaped sync time extrapolated); each writes its JSON into $OUT
+check kernel_bench 60 "$PY" "$REPO/tools/gpu_smoke/kernel_bench.py" "$OUT"
+check weight_handoff 60 "$PY" "$REPO/tools/gpu_smoke/weight_handoff.py" "$OUT" --device cuda --layers 2
 if [ "$PRINT_OK" = 1 ]; then
     check stages_uninterrupted "$RUN_LIMIT_S" "$PY" -m megatron_prism.cli run "$CONFIG" $STAGE_OVERRIDES \
         run.output_dir="$OUT/run_uninterrupted"
