@@ -162,6 +162,11 @@ def test_device_audit_discriminator_score_and_train_step(disc_source):
     table = [bytes([97 + i % 26]) for i in range(240)]
     table += [b"<caption>", b"</caption>", b"<think>", b"</think>", b"<answer>", b"</answer>", b" ", b""]
     table += [b""] * (256 - len(table))
+    # megatron keeps the MoE aux-loss scale in a class attribute, shaped by the first stage that set
+    # it in this process (another test's); a fresh process starts with none
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     with cuda_audit.audit() as audit:
         model = build_discriminator(disc_source, seed=5)
         chunks = wrap_ddp([model])

@@ -52,7 +52,9 @@ def test_merge_splits_keeps_images_and_prefixes_ids(tmp_path):
     root = tmp_path / "data"
     for split, rid in (("sft", "a"), ("align", "a")):
         (root / split / "img").mkdir(parents=True)
-        (root / split / "img" / "x.png").write_bytes(b"png")
+        from PIL import Image  # strict loading decodes every image when the split opens
+
+        Image.new("RGB", (8, 8), (10 * len(split), 0, 0)).save(root / split / "img" / "x.png")
         rec = {"id": rid, "images": ["img/x.png"], "prompt": "<image> what?", "response": f"{split} demo"}
         (root / split / "records.jsonl").write_text(json.dumps(rec) + "\n")
     merged = merge_splits(root, ("sft", "align"), tmp_path / "merged")
