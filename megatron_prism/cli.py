@@ -91,17 +91,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _checked_config(args, world_size=launched_world_size())
     if cfg is None:
         return 0
-    import os
-
-    from megatron_prism.training.run_lock import RunLock
+    from megatron_prism.training.run_lock import rank0_run_lock
 
     # Before anything is written there: a second run on this directory refuses here, in one line.
-    lock = RunLock(cfg.run.output_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
-    try:
+    with rank0_run_lock(cfg.run.output_dir):
         return _run_locked(args, cfg)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _run_locked(args: argparse.Namespace, cfg: PrismConfig) -> int:

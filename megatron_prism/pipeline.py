@@ -97,14 +97,10 @@ def run(cfg: PrismConfig, *, resume_from: str | Path | None = None) -> Path:
 
     Rank 0 first takes the run directory's OS lock (``training.run_lock``): a second run on the
     same directory refuses in one line before touching anything."""
-    from megatron_prism.training.run_lock import RunLock
+    from megatron_prism.training.run_lock import rank0_run_lock
 
-    lock = RunLock(cfg.run.output_dir).acquire() if os.environ.get("RANK", "0") == "0" else None
-    try:
+    with rank0_run_lock(cfg.run.output_dir):
         return _run_locked(cfg, resume_from)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _resume_stage(resume_from: str | Path | None) -> str | None:

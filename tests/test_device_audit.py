@@ -71,12 +71,14 @@ def _sft_micro_batch(seed: int = 0):
                       num_tokens=int((targets != -100).sum()))
 
 
-def test_device_audit_sft_micro_batch_forward_backward(tiny_dirs):
+# "b" (vocab 320, tied) holds a padded vocabulary (384 rows): the padding path is audited too
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_device_audit_sft_micro_batch_forward_backward(tiny_dirs, variant):
     from megatron_prism.algorithms.aggregation import GlobalCounts, aggregate
     from megatron_prism.stages import sft
 
     with cuda_audit.audit() as audit:
-        rt = _policy(tiny_dirs["a"])
+        rt = _policy(tiny_dirs[variant])
         _params_on_gpu(audit, rt.chunks)
         mbs = [_sft_micro_batch(0), _sft_micro_batch(1)]
         counts = GlobalCounts(tokens=sft._global_tokens(mbs), seqs=1.0)

@@ -82,10 +82,10 @@ class RolloutEngine(abc.ABC):
     spmd: ClassVar[bool] = False
 
     @classmethod
+    @abc.abstractmethod
     def launch(cls, config_dir: Path, placement: EnginePlacement, device: torch.device) -> RolloutEngine:
         """Start the engine from the config and tokenizer in ``config_dir`` with dummy weights
         (real ones come with the first ``update_weights``), placed as ``placement`` says."""
-        raise NotImplementedError(f"{cls.__name__} cannot be launched from a placement")
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingParams) -> list[GenerationResult]:

@@ -13,6 +13,7 @@ another data-parallel size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -72,23 +73,18 @@ def load_parameter_state(optimizer, path: str | Path) -> None:
                 part.load_parameter_state_from_dp_zero(states[i] if states is not None else None)
 
 
-class _per_parameter_steps_aside:  # noqa: N801 (a context manager used like a function)
+@contextlib.contextmanager
+def _per_parameter_steps_aside(inner):
     """torch.optim.Adam (megatron's fallback without Transformer Engine or apex, as on a CPU) keeps
     a per-parameter ``step`` beside ``exp_avg``/``exp_avg_sq``; megatron's parameter state has no
     ``step`` (``load_state_dict`` restores it) and its loader copies every key the inner state has,
-    so the ``step`` entries are set aside for the load and put back, one tensor each. Fused Adams
-    keep no such key."""
-
-    def __init__(self, inner) -> None:
-        self.state = getattr(inner, "state", {})
-        self.steps: dict = {}
-
-    def __enter__(self) -> None:
-        self.steps = {p: st.pop("step") for p, st in self.state.items() if isinstance(st, dict) and "step" in st}
-
-    def __exit__(self, *exc) -> None:
-        # one tensor per parameter, as torch.optim.Adam keeps them: megatron's load_state_dict
-        # hands every parameter the same step tensor, which Adam's in-place `step += 1` would then
-        # advance once per parameter per update
-        for p, step in self.steps.items():
-            self.state[p]["step"] = step.clone() if isinstance(step, torch.Tensor) else step
+    so the ``step`` entries are set aside for the load and put back, one tensor each: megatron's
+    ``load_state_dict`` hands every parameter the same step tensor, which Adam's in-place
+    ``step += 1`` would then advance once per parameter per update. Fused Adams keep no such key."""
+    state = getattr(inner, "state", {})
+    steps = {p: st.pop("step") for p, st in state.items() if isinstance(st, dict) and "step" in st}
+    try:
+        yield
+    finally:
+        for p, step in steps.items():
+            state[p]["step"] = step.clone() if isinstance(step, torch.Tensor) else step

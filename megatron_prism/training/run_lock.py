@@ -10,6 +10,7 @@ detected (a cluster runs one job per run directory; its scheduler is the guard t
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -73,6 +74,12 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def rank0_run_lock(run_dir: str | Path) -> contextlib.AbstractContextManager:
+    """The run directory's lock on the launch's rank 0 (``RANK`` unset or 0), nothing elsewhere:
+    one process per run takes it, before the process groups exist."""
+    return RunLock(run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
 
 
 def _read_holder(fd: int) -> str:

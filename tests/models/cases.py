@@ -66,6 +66,20 @@ def hf_logits(hf_model, case: dict) -> torch.Tensor:
         return hf_model(input_ids=case["input_ids"], mm_token_type_ids=(case["input_ids"] == IMG).int(), **kwargs).logits
 
 
+def assert_logp_entropy_match(got: torch.Tensor, hf_model, case: dict, tol: float = 1e-4) -> None:
+    """``got`` = [masked target log-probs, entropy] of the training head against float64
+    log_softmax and entropy of transformers' logits over the model's (real) vocabulary."""
+    from megatron_prism.models.common.token_logprobs import next_token_targets
+
+    logits = hf_logits(hf_model, case).double()
+    targets = next_token_targets(case["input_ids"], case.get("attention_mask"))
+    mask = targets != -100
+    logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(got[0].double(), logp, rtol=tol, atol=tol)
+    torch.testing.assert_close(got[1].double()[mask], entropy[mask], rtol=tol, atol=tol)
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor, case: dict) -> float:
     keep = case.get("attention_mask", torch.ones(ref.shape[:2], dtype=torch.long)).bool()
     return float((out[keep] - ref[keep]).abs().max() / ref[keep].abs().max())

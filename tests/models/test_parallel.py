@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import hf_logits, make_case, relative_error, run_worker, standard_cases
+from cases import assert_logp_entropy_match, hf_logits, make_case, relative_error, run_worker, standard_cases
 from safetensors.torch import load_file
 
-from megatron_prism.models.common.token_logprobs import next_token_targets
 from megatron_prism.models.conversion import layout_maps
 from megatron_prism.models.qwen3vl.config import read_hf_config
 
@@ -70,13 +69,7 @@ def test_fused_head_matches_transformers(variant, flags, tiny_dirs, hf_models, t
     run_worker(2, "parity", tiny_dirs[variant], tmp_path / "inputs.pt", tmp_path / "out", *flags, "--head", "triton")
     got = load_file(tmp_path / "out" / "logp_entropy.safetensors")
     for i, name in enumerate(names):
-        logits = hf_logits(hf_models[variant], cases[name]).double()
-        targets = next_token_targets(cases[name]["input_ids"], cases[name].get("attention_mask"))
-        mask = targets != -100
-        logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
-        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
-        torch.testing.assert_close(got[f"logp_entropy_{i}"][0].double(), logp, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(got[f"logp_entropy_{i}"][1].double()[mask], entropy[mask], rtol=1e-4, atol=1e-4)
+        assert_logp_entropy_match(got[f"logp_entropy_{i}"], hf_models[variant], cases[name])
 
 
 def _grad_cases() -> list[dict]:

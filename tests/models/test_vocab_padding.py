@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
-from cases import hf_logits, relative_error, run_worker, standard_cases
+from cases import assert_logp_entropy_match, hf_logits, relative_error, run_worker, standard_cases
 from safetensors.torch import load_file
 
-from megatron_prism.models.common.token_logprobs import next_token_targets
 from megatron_prism.models.conversion import convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_prism.models.conversion.mapping import language_model_maps, padded_vocab_size
 from megatron_prism.models.qwen3vl.config import read_hf_config
@@ -105,13 +104,7 @@ def test_tp2_logits_and_log_probs_match_transformers(odd_vocab_dir, odd_vocab_hf
     run_worker(2, "parity", odd_vocab_dir, tmp_path / "inputs.pt", tmp_path / "head", "--tp", "2", "--head", "torch")
     got = load_file(tmp_path / "head" / "logp_entropy.safetensors")
     for i, name in enumerate(names):
-        logits = hf_logits(odd_vocab_hf, cases[name]).double()
-        targets = next_token_targets(cases[name]["input_ids"], cases[name].get("attention_mask"))
-        mask = targets != -100
-        logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
-        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
-        torch.testing.assert_close(got[f"logp_entropy_{i}"][0].double(), logp, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(got[f"logp_entropy_{i}"][1].double()[mask], entropy[mask], rtol=1e-4, atol=1e-4)
+        assert_logp_entropy_match(got[f"logp_entropy_{i}"], odd_vocab_hf, cases[name])
 
 
 def test_padding_rows_get_no_gradient_and_grads_match_tp1(odd_vocab_dir, tmp_path):
