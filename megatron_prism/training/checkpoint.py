@@ -289,11 +289,16 @@ def commit(root: Path, tmp: Path, step: int, digests: dict[str, dict[str, Any]],
     if final.exists():
         shutil.rmtree(final)  # the same step written again after a resume
     tmp.rename(final)
-    _write_fsync(root / (LATEST + ".tmp"), lambda p: p.write_text(final.name + "\n"))
-    (root / (LATEST + ".tmp")).replace(root / LATEST)
-    fsync_dir(root)
+    _point_latest(root, final)
     _prune(root, keep_last)
     return final
+
+
+def _point_latest(root: Path, target: Path) -> None:
+    """``latest`` names ``target`` (written to a temporary name, then renamed over)."""
+    _write_fsync(root / (LATEST + ".tmp"), lambda p: p.write_text(target.name + "\n"))
+    (root / (LATEST + ".tmp")).replace(root / LATEST)
+    fsync_dir(root)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -360,6 +365,11 @@ def choose_resume(root: str | Path, *, resume_from: str | Path | None = None) ->
             else:
                 found = newest_verified(root)
                 choice[0] = ("ok", str(found) if found else None)
+            if choice[0][1] is not None:
+                # a kill between a save's rename and its ``latest`` update (or a garbled newer one
+                # passed over) leaves ``latest`` naming another checkpoint: it names the one resumed
+                # from, also when the stage then has nothing left to save
+                _point_latest(Path(choice[0][1]).parent, Path(choice[0][1]))
         except CheckpointError as exc:
             choice[0] = ("error", str(exc))
     if dist.is_initialized():

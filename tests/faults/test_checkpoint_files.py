@@ -127,6 +127,21 @@ def test_deleting_the_newest_as_advised_resumes_from_the_previous(two_checkpoint
     assert ckpt.latest_checkpoint(root) == first and ckpt.newest_verified(root) == first
 
 
+def test_resume_repoints_a_stale_latest(two_checkpoints):
+    """What a SIGKILL between a save's rename and its ``latest`` update leaves (seen in the random-
+    kill suite at the stage's last step): step 2 complete, ``latest`` still naming step 1, a stray
+    ``latest.tmp``. The resume takes step 2 and ``latest`` names it again, even though a stage
+    resumed at its last step saves nothing more."""
+    root, first, newest = two_checkpoints
+    (root / ckpt.LATEST).write_text(first.name + "\n")
+    (root / (ckpt.LATEST + ".tmp")).write_text(newest.name[:5])  # a half-written pointer
+    assert ckpt.choose_resume(root) == newest
+    assert (root / ckpt.LATEST).read_text().strip() == newest.name
+    assert not (root / (ckpt.LATEST + ".tmp")).exists()
+    assert ckpt.choose_resume(root, resume_from=first) == first
+    assert (root / ckpt.LATEST).read_text().strip() == first.name
+
+
 def test_none_verifies_is_one_line(two_checkpoints):
     root, first, newest = two_checkpoints
     for d in (first, newest):
