@@ -187,8 +187,8 @@ class _FunctionView(TorchFunctionMode):
         if func is torch.Tensor.get_device:
             return 0 if st.is_gpu(args[0]) else func(*args, **kwargs)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return name.replace("torch.", "torch.cuda.", 1) if st.is_gpu(args[0]) else name
+            name = func(*args)  # (cpu_compat's distributed-optimizer shim may have named it CUDA already)
+            return name.replace("torch.", "torch.cuda.", 1) if st.is_gpu(args[0]) and ".cuda." not in name else name
         if func is torch.Tensor.numpy and st.is_gpu(args[0]):
             raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to "
                             "host memory first.")
@@ -286,17 +286,19 @@ def host_groups() -> list:
     groups += devices.host_group_handles()
     from megatron.core import parallel_state as ps
 
+    # (with and without context parallelism: megatron's optimizer gathers its parameter state over
+    # the data-parallel-with-CP gloo group, a separate handle even at CP=1)
+    variants = ({}, {"with_context_parallel": True})
     for name in ("get_data_parallel_group_gloo", "get_data_modulo_expert_parallel_group_gloo",
                  "get_expert_data_parallel_group_gloo"):
         fn = getattr(ps, name, None)
-        if fn is None:
-            continue
-        try:
-            g = fn()
-        except (AssertionError, RuntimeError, TypeError):
-            continue
-        if g is not None:
-            groups.append(g)
+        for kwargs in variants if fn is not None else ():
+            try:
+                g = fn(**kwargs)
+            except (AssertionError, RuntimeError, TypeError):
+                continue
+            if g is not None:
+                groups.append(g)
     return groups
 
 

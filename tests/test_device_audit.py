@@ -171,7 +171,7 @@ def test_device_audit_discriminator_score_and_train_step(disc_source):
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     with cuda_audit.audit() as audit:
         model = build_discriminator(disc_source, seed=5)
-        chunks = wrap_ddp([model])
+        chunks = wrap_ddp([model], distributed_optimizer=True)
         opt = PolicyOptimizer(chunks, OptimizerConfig(lr=1e-3), total_steps=2, bf16=False)
         rt = DiscriminatorRuntime(chunks, model.hf_config, model.spec, PartFinder(table), 0, 1, opt)
         _params_on_gpu(audit, rt.chunks)

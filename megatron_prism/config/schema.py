@@ -93,6 +93,9 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 0
     schedule: Schedule = "constant"
+    # megatron's distributed optimizer (ZeRO-1): fp32 main params and Adam moments sharded over the
+    # data-parallel ranks (12 bytes/param / DP for bf16). False keeps the full state on every rank.
+    use_distributed_optimizer: bool = True
 
 
 @dataclass

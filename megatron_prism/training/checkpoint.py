@@ -71,6 +71,11 @@ class LoadedCheckpoint:
     trainer_state: dict[str, Any]
     rank_state: dict[str, Any]
 
+    @property
+    def rank_file(self) -> Path:
+        """The file ``rank_state`` was read from (for errors)."""
+        return self.path / f"rank_{_rank():05d}.pt"
+
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0

@@ -94,7 +94,7 @@ class DiscriminatorRuntime:
             for c in chunks:
                 c.eval().requires_grad_(False)
             return cls(chunks, first.hf_config, first.spec, finder, pad_id, p.tp if sp else 1)
-        chunks = wrap_ddp(chunks)
+        chunks = wrap_ddp(chunks, distributed_optimizer=optim.use_distributed_optimizer)
         opt = PolicyOptimizer(chunks, optim, total_steps=total_steps, bf16=model_dtype(cfg.model.dtype) == "bfloat16")
         return cls(chunks, first.hf_config, first.spec, finder, pad_id, p.tp if sp else 1, opt)
 
@@ -242,7 +242,7 @@ class DiscriminatorRuntime:
         loaded = ckpt.load_checkpoint(path)
         state = loaded.rank_state
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"], origin=str(loaded.rank_file))
         if rng:
             ckpt.set_rng_state(state["rng"])
         return trainer

@@ -116,7 +116,7 @@ def start_or_resume(ctx: StageContext, items: list, *, total_steps: int, seed_of
     # What the stage reads later (config, tokenizer, processor files) comes from the stage's stable
     # copy, never from ``latest``, which pruning deletes.
     runtime.source = stage_hf_files(ctx, runtime.source)
-    runtime.optimizer.load_state_dict(loaded.rank_state["optimizer"])
+    runtime.optimizer.load_state_dict(loaded.rank_state["optimizer"], origin=str(loaded.rank_file))
     loader.load_state_dict(loaded.trainer_state["loader"])
     ckpt.set_rng_state(loaded.rank_state["rng"])
     log.info("%s: resumed from %s (step %d)", ctx.stage.name, latest, loaded.trainer_state["step"])

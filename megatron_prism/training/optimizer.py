@@ -13,8 +13,13 @@ never read (under the distributed optimizer they are partly reduce-scattered).
 
 Precision: ``bf16`` weights train with fp32 main gradients and fp32 main parameters (megatron's
 mixed-precision optimizer). ``float16`` is refused: it needs megatron's loss scaler driven through
-the schedules, which this trainer does not do. The distributed optimizer is used where megatron
-runs it (``cpu_compat``: not on a CPU, where it asserts CUDA tensors).
+the schedules, which this trainer does not do.
+
+State: megatron's distributed optimizer (``optim.use_distributed_optimizer``, on by default, on a
+CPU too: ``cpu_compat.distributed_optimizer_types``) shards the fp32 main parameters and Adam's
+moments over the data-parallel ranks. Its ``state_dict()`` leaves those out, so
+:meth:`PolicyOptimizer.state_dict` carries them too (``optimizer_state``): saving and loading it are
+collectives over the data-parallel ranks.
 
 A step whose gradient norm is NaN or infinite is skipped (gradients dropped, no update, the LR
 schedule does not advance) and counted; after ``max_consecutive_skips`` in a row the run stops
@@ -36,6 +41,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_prism.config.schema import OptimizerConfig
 from megatron_prism.parallel import cpu_compat
+from megatron_prism.training import optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +69,20 @@ class PolicyOptimizer:
         if torch.float16 in dtypes:
             raise ValueError("model.dtype=float16 needs megatron's loss scaler, which this trainer does not drive; "
                              "use model.dtype=bfloat16 (fp32 main grads) or float32")
+        wrapped = {getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", None) for c in chunks}
+        if wrapped != {cfg.use_distributed_optimizer}:
+            raise ValueError(f"optim.use_distributed_optimizer={cfg.use_distributed_optimizer} but the model chunks are "
+                             f"wrapped for use_distributed_optimizer={sorted(wrapped, key=str)}; wrap them with "
+                             "training.runtime.wrap_ddp(chunks, distributed_optimizer=optim.use_distributed_optimizer)")
         mcfg = MegatronOptimizerConfig(
             optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
             adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
             # clipping happens in step(), by megatron's norm (the guard needs the norm first)
             clip_grad=0.0, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            use_distributed_optimizer=not cpu_compat.on_cpu(),
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
         )
-        self.optimizer = get_megatron_optimizer(mcfg, chunks)
+        with cpu_compat.distributed_optimizer_types():
+            self.optimizer = get_megatron_optimizer(mcfg, chunks)
         steps = max(total_steps, 1)
         warmup = min(cfg.warmup_steps, steps - 1)  # megatron requires warm-up < decay steps
         self.scheduler = OptimizerParamScheduler(
@@ -121,13 +133,31 @@ class PolicyOptimizer:
         return StepResult(bool(updated), norm, self.lr, 0)
 
     def state_dict(self) -> dict[str, Any]:
+        """Collective (every data-parallel rank calls it): the optimizer's state dict, the
+        distributed optimizer's parameter state (on each part's data-parallel rank 0), the LR
+        schedule and the skip count."""
+        if not self._has_updated():
+            # Before the first update there is nothing to save (and megatron's distributed
+            # state_dict asserts on an empty Adam state without apex/TE): a load keeps the freshly
+            # built optimizer, whose main params are the loaded weights, as this one's are.
+            return {"optimizer": None, "parameter_state": None, "scheduler": self.scheduler.state_dict(),
+                    "skipped_total": self.skipped_total}
         return {
             "optimizer": self.optimizer.state_dict(),
+            "parameter_state": optimizer_state.gather_parameter_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "skipped_total": self.skipped_total,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _has_updated(self) -> bool:
+        """Whether an update has run (the schedule advances once per update, on every rank alike,
+        so all ranks agree, as the collective gather needs; Adam's own per-rank state might not)."""
+        return self.scheduler.num_steps > 0
+
+    def load_state_dict(self, state: dict[str, Any], *, origin: str = "optimizer state") -> None:
+        """Collective, inverse of :meth:`state_dict`; ``origin`` (the file) names errors."""
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            optimizer_state.scatter_parameter_state(self.optimizer, state.get("parameter_state"), origin=origin)
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_total = int(state["skipped_total"])

@@ -4,18 +4,22 @@ Why: ``DistributedOptimizer.state_dict()`` (megatron-core 0.16.1) holds only the
 hyper-parameters; each rank's shard of the fp32 main parameters and Adam's ``exp_avg`` /
 ``exp_avg_sq`` live outside it, and ``load_state_dict`` refills them with ``torch.empty`` "to be
 overwritten by load_parameter_state()". A resume that restores only the state dict continues from
-garbage moments. Here each distributed optimizer's parameter state is gathered to data-parallel
-rank 0 (``get_parameter_state_dp_zero``, gloo), written once to a temporary file and renamed, and
-on load read with ``torch.load(weights_only=True)`` and scattered back
-(``load_parameter_state_from_dp_zero``). The gathered form is in model space, so it reloads at
-another data-parallel size.
+garbage moments. Here each distributed optimizer's parameter state is gathered to its
+data-parallel rank 0 (``get_parameter_state_dp_zero``, over megatron's gloo data-parallel group),
+travels in that rank's checkpoint payload (``PolicyOptimizer.state_dict``, written hashed and
+loaded with ``torch.load(weights_only=True)``), and on load is scattered back
+(``load_parameter_state_from_dp_zero``). The gathered form is in model space, unpadded.
+
+Under MoE the chained optimizer has a dense part (data-parallel group) and an expert part
+(expert-data-parallel group): each part is gathered to its own group's rank 0, so a rank may hold
+the state of one part and not of the other; the list keeps one entry per part (None where this
+rank is not the part's data-parallel rank 0).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,46 +35,33 @@ def has_parameter_state(optimizer) -> bool:
     return bool(_distributed_parts(optimizer))
 
 
-def save_parameter_state(optimizer, path: str | Path) -> bool:
-    """Gather every distributed optimizer's parameter state and write it to ``path`` from
-    data-parallel rank 0 (a collective: every rank of the data-parallel group calls it). Returns
-    True on the rank that wrote the file."""
-    states, writer = [], False
-    for part in _distributed_parts(optimizer):
-        state = part.get_parameter_state_dp_zero()
-        if part.data_parallel_group.rank() == 0:
-            writer = True
-        states.append(state)
-    if writer:
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save(states, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return writer
+def gather_parameter_state(optimizer) -> list[Any]:
+    """Collective over each part's data-parallel group (every rank calls it): the parameter state
+    of every distributed optimizer part, on that part's data-parallel rank 0 (None elsewhere)."""
+    return [part.get_parameter_state_dp_zero() for part in _distributed_parts(optimizer)]
 
 
-def load_parameter_state(optimizer, path: str | Path) -> None:
-    """Inverse of :func:`save_parameter_state`: data-parallel rank 0 reads ``path`` (weights only)
-    and every distributed optimizer scatters its part; call after ``optimizer.load_state_dict``."""
+def scatter_parameter_state(optimizer, states: list[Any] | None, *, origin: str) -> None:
+    """Inverse of :func:`gather_parameter_state` (a collective: every rank calls it, after
+    ``optimizer.load_state_dict``). ``origin`` names the file ``states`` came from, for errors."""
     parts = _distributed_parts(optimizer)
-    states = None
-    if parts and parts[0].data_parallel_group.rank() == 0:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: the distributed optimizer's parameter state is missing; the "
-                                    "checkpoint is incomplete, resume from an earlier one")
-        states = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(states, list) or len(states) != len(parts):
-            raise ValueError(f"{path}: holds {len(states) if isinstance(states, list) else type(states).__name__} "
-                             f"optimizer states, this model has {len(parts)}; the checkpoint is from another model")
+    if not parts:
+        return
+    if not isinstance(states, list) or len(states) != len(parts):
+        held = f"{len(states)} optimizer parts" if isinstance(states, list) else "no distributed-optimizer state"
+        raise ValueError(f"{origin}: holds {held}, this model's optimizer has {len(parts)} distributed parts; the "
+                         "checkpoint was written without the distributed optimizer or by another model (set "
+                         "optim.use_distributed_optimizer as when it was written, or resume from another one)")
+    for part, state in zip(parts, states):
+        if part.data_parallel_group_gloo.rank() == 0 and state is None:
+            raise ValueError(f"{origin}: this rank is data-parallel rank 0 of an optimizer part but its saved "
+                             "parameter state is empty; the checkpoint is damaged, resume from an earlier one")
     # (a scatter over the data-parallel gloo group; fp32 main params are views of the model's
     # parameters, written in place, so outside autograd)
     with torch.no_grad():
-        for i, part in enumerate(parts):
+        for part, state in zip(parts, states):
             with _per_parameter_steps_aside(part.optimizer):
-                part.load_parameter_state_from_dp_zero(states[i] if states is not None else None)
+                part.load_parameter_state_from_dp_zero(state if part.data_parallel_group_gloo.rank() == 0 else None)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 LOCK_FILE = ".prism.lock"
+EXITING_HOLDER_GRACE_S = 30.0  # how long to wait for a holder that is exiting to let go
 
 
 class RunLocked(RuntimeError):
@@ -43,13 +44,21 @@ class RunLock:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise RunLocked(f"{self.path.parent} is in use by another prism run ({holder}); wait for it to end, "
-                            "stop it, or choose another run.output_dir") from None
+        deadline = time.monotonic() + EXITING_HOLDER_GRACE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # A holder killed a moment ago (a requeue, a rerun right after SIGKILL) still holds
+                # the lock until the kernel has torn it down: wait for that, never for a live run.
+                if _holder_exiting(fd) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunLocked(f"{self.path.parent} is in use by another prism run ({holder}); wait for it to end, "
+                                "stop it, or choose another run.output_dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode())
@@ -80,6 +89,25 @@ def rank0_run_lock(run_dir: str | Path) -> contextlib.AbstractContextManager:
     """The run directory's lock on the launch's rank 0 (``RANK`` unset or 0), nothing elsewhere:
     one process per run takes it, before the process groups exist."""
     return RunLock(run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+
+
+def _holder_exiting(fd: int) -> bool:
+    """Whether the recorded holder is on this host and gone or exiting (no such pid, a zombie, or
+    a SIGKILL pending: Linux ``/proc``); False when that cannot be told, so a live run is refused."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        pid = int(info["pid"])
+        if info.get("host") != socket.gethostname():
+            return False
+        with open(f"/proc/{pid}/status") as fh:
+            status = dict(line.split(":", 1) for line in fh if ":" in line)
+    except FileNotFoundError:
+        return True  # the pid is gone; the kernel is releasing its lock
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    sigkill = 1 << 8  # signal 9 in the pending masks
+    pending = int(status.get("SigPnd", "0").strip(), 16) | int(status.get("ShdPnd", "0").strip(), 16)
+    return status.get("State", "").strip()[:1] in ("Z", "X") or bool(pending & sigkill)
 
 
 def _read_holder(fd: int) -> str:

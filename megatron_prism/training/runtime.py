@@ -25,7 +25,6 @@ from megatron_prism.models import build_policy
 from megatron_prism.models.common.token_logprobs import TokenLogProbs
 from megatron_prism.models.qwen3vl.config import read_hf_config
 from megatron_prism.models.qwen3vl.model import HeadRequest
-from megatron_prism.parallel import cpu_compat
 from megatron_prism.parallel.devices import host_group, model_dtype
 from megatron_prism.training.optimizer import PolicyOptimizer
 
@@ -87,7 +86,7 @@ class PolicyRuntime:
             for c in chunks:
                 c.eval().requires_grad_(False)
             return cls(chunks, hf_config, hf_dir, None, head_backend)
-        chunks = wrap_ddp(chunks)
+        chunks = wrap_ddp(chunks, distributed_optimizer=optim.use_distributed_optimizer)
         opt = PolicyOptimizer(chunks, optim, total_steps=total_steps, bf16=dtype == torch.bfloat16)
         return cls(chunks, hf_config, hf_dir, opt, head_backend)
 
@@ -146,9 +145,10 @@ def step_figures(local: dict[str, float]) -> dict[str, float]:
     return dict(local)
 
 
-def wrap_ddp(chunks: list) -> list:
-    """megatron DDP around each model chunk (fp32 gradient buffers; the distributed optimizer on GPU)."""
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=not cpu_compat.on_cpu())
+def wrap_ddp(chunks: list, *, distributed_optimizer: bool) -> list:
+    """megatron DDP around each model chunk (fp32 gradient buffers; reduce-scattered for the
+    distributed optimizer, all-reduced otherwise: the two must agree)."""
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer)
     return [DistributedDataParallel(c.config, ddp_cfg, c) for c in chunks]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron_prism.training.runtime import wrap_ddp
 
 from megatron_prism.config.schema import OptimizerConfig
 from megatron_prism.models import build_policy
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _setup(source):
     model = build_policy(source)
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp = wrap_ddp([model], distributed_optimizer=True)[0]
     opt = PolicyOptimizer([ddp], OptimizerConfig(lr=1e-3), total_steps=8, bf16=False)
     return ddp, opt
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,70 @@ def run_prism(out_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 300
     if proc.returncode != 0:
         raise AssertionError(f"prism run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def kill_at(point: str, run_dir: Path, overrides: list[str], *, nproc: int = 1, timeout: float = 240.0) -> None:
+    """Start ``prism run`` with ``PRISM_PAUSE_AT=point`` (``name@k``: the process writes
+    ``PRISM_PAUSE_MARKER`` at the k-th hit of the pause point ``name`` of
+    ``megatron_prism.training.faults`` and waits there), then SIGKILL its whole process group
+    (torchrun and every rank when ``nproc`` > 1)."""
+    marker = run_dir.parent / f"paused-{point}"
+    env = prism_env(PRISM_PAUSE_AT=point, PRISM_PAUSE_MARKER=str(marker), PRISM_PAUSE_SECONDS="120")
+    log = open(run_dir.parent / f"killed-{point}.log", "w")
+    proc = subprocess.Popen(prism_argv(run_dir, *overrides, nproc=nproc), cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, f"prism run ended (rc {proc.returncode}) before reaching {point}"
+            assert time.monotonic() < deadline, f"{point} not reached in {timeout} s"
+            time.sleep(0.05)
+        # torchrun starts each rank in a session of its own, out of reach of killpg: all of them
+        ranks = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        _wait_gone(ranks)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has released its files already)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_gone(pids: list[int], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"ranks {pids} still alive {timeout} s after SIGKILL"
+        time.sleep(0.05)
 
 
 def stage_checkpoint(run_dir: Path, stage: str) -> Path:

@@ -2,25 +2,21 @@
 an RLVR rollout, the middle of an RLVR optimizer step, a checkpoint write), the same command is run
 again until it finishes, and the final weights must equal those of an uninterrupted run bit for bit.
 
-The kill points are hit deterministically through the test seam ``megatron_prism.training.faults``:
-with ``PRISM_PAUSE_AT=name@k`` the process writes ``PRISM_PAUSE_MARKER`` at the k-th hit of the
-point and waits there; the test then sends SIGKILL to its process group (nothing is mocked; the
-rerun has no pause variables).
+The kill points are hit deterministically through the test seam ``megatron_prism.training.faults``
+(``prism_proc.kill_at``; nothing is mocked, the rerun has no pause variables).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.pipeline.prism_proc import ROOT, prism_argv, prism_env, run_prism, shard_tensors, stage_checkpoint
+from tests.pipeline.prism_proc import (ROOT, kill_at, prism_argv, prism_env, run_prism, shard_tensors,
+                                      stage_checkpoint)
 
 # 3 SFT steps and 2 RLVR steps, a checkpoint after every step, held-out eval before/after each
 # stage (so eval_before is restored from the checkpoint on resume), no EVAL stage.
@@ -49,32 +45,11 @@ def reference(warm, tmp_path_factory):
     return run_dir
 
 
-def _kill_at(point: str, run_dir: Path, overrides: list[str], timeout: float = 240.0) -> None:
-    marker = run_dir.parent / f"paused-{point}"
-    env = prism_env(PRISM_PAUSE_AT=point, PRISM_PAUSE_MARKER=str(marker), PRISM_PAUSE_SECONDS="120")
-    log = open(run_dir.parent / f"killed-{point}.log", "w")
-    proc = subprocess.Popen(prism_argv(run_dir, *overrides), cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while not marker.exists():
-            assert proc.poll() is None, f"prism run ended (rc {proc.returncode}) before reaching {point}"
-            assert time.monotonic() < deadline, f"{point} not reached in {timeout} s"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_resume_after_sigkill_is_bit_exact(point, warm, reference, tmp_path):
     run_dir = tmp_path / "run"
     overrides = _overrides(warm)
-    _kill_at(point, run_dir, overrides)
+    kill_at(point, run_dir, overrides)
 
     stage, resume_from = KILL_POINTS[point]
     ckpts = run_dir / stage / "checkpoints"

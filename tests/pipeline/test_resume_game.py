@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline.prism_proc import ROOT, prism_argv, prism_env, report_figures, run_prism, shard_tensors
-from tests.pipeline.test_resume import _kill_at
+from tests.pipeline.prism_proc import (ROOT, kill_at, prism_argv, prism_env, report_figures, run_prism,
+                                      shard_tensors)
 
 GAME2 = ["stages.sft.enabled=false", "stages.rlvr.enabled=false", "stages.eval.enabled=false",
          "stages.warmup.enabled=true", "stages.warmup.steps=2", "stages.warmup.global_batch_size=2",
@@ -40,7 +40,7 @@ def game_reference(warm, tmp_path_factory):
 def test_align_resume_after_sigkill_is_bit_exact(warm, game_reference, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*warm.overrides(), *GAME2]
-    _kill_at("align.update@2", run_dir, overrides)
+    kill_at("align.update@2", run_dir, overrides)
     assert (run_dir / "warmup" / "result.json").is_file() and not (run_dir / "align" / "result.json").exists()
     assert (run_dir / "align" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
 
@@ -66,7 +66,7 @@ def test_align_restarted_from_scratch_reproduces(warm, game_reference, tmp_path)
     seeds every RNG from (run seed, stage), whatever ran before it in the process)."""
     run_dir = tmp_path / "run"
     overrides = [*warm.overrides(), *GAME2]
-    _kill_at("align.update@1", run_dir, overrides)
+    kill_at("align.update@1", run_dir, overrides)
     assert not list((run_dir / "align").glob("checkpoints/step_*"))
     proc = subprocess.run(prism_argv(run_dir, *overrides), cwd=ROOT, env=prism_env(), capture_output=True,
                           text=True, timeout=300)

@@ -70,7 +70,7 @@ def main() -> None:
         torch.save({k: v.clone() for k, v in ddp.module.state_dict().items() if not k.endswith("_extra_state")},
                    out / "model.pt")
         torch.save(opt.state_dict(), out / "optimizer.pt")
-    optimizer_state.save_parameter_state(opt, out / "param_state.pt")
+    torch.save(optimizer_state.gather_parameter_state(opt), out / f"param_state_rank{rank}.pt")
     dist.barrier()
     loss_uninterrupted = step(ddp, opt, 2)
     want = params(ddp)
@@ -79,7 +79,8 @@ def main() -> None:
     ddp.module.load_state_dict(torch.load(out / "model.pt", weights_only=True), strict=False)
     opt.load_state_dict(torch.load(out / "optimizer.pt", weights_only=True))
     if not args.skip_parameter_state:
-        optimizer_state.load_parameter_state(opt, out / "param_state.pt")
+        states = torch.load(out / f"param_state_rank{rank}.pt", weights_only=True)
+        optimizer_state.scatter_parameter_state(opt, states, origin="param_state.pt")
     loss_resumed = step(ddp, opt, 2)
     got = params(ddp)
     result = {"optimizers": sorted(kinds), "max_abs_diff": float((got - want).abs().max()),

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron_prism.training.runtime import wrap_ddp
 
 from megatron_prism.config.schema import OptimizerConfig
 from megatron_prism.models import build_policy
@@ -20,7 +20,7 @@ from megatron_prism.training.optimizer import PolicyOptimizer
 
 def _setup(source):
     model = build_policy(source)
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp = wrap_ddp([model], distributed_optimizer=True)[0]
     opt = PolicyOptimizer([ddp], OptimizerConfig(lr=1e-3, clip_grad=0.1, warmup_steps=1, schedule="cosine"),
                           total_steps=8, bf16=False)
     return ddp, opt

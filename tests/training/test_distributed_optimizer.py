@@ -40,21 +40,23 @@ def test_resume_with_parameter_state_is_bit_exact_and_without_it_is_not(hf_dir, 
         assert r["optimizers"] == ["DistributedOptimizer"]  # the real one, not the CPU fallback
         assert r["max_abs_diff"] == 0.0
         assert r["loss_resumed"] == r["loss_uninterrupted"]
-    state = torch.load(tmp_path / "exact" / "param_state.pt", weights_only=True)
-    assert isinstance(state, list) and len(state) == 1  # written once, from data-parallel rank 0
+    held = [torch.load(tmp_path / "exact" / f"param_state_rank{r}.pt", weights_only=True) for r in range(2)]
+    assert held[0][0] is not None and held[1] == [None]  # gathered on data-parallel rank 0 only
     broken = _run(hf_dir, tmp_path / "state_dict_only", "--skip-parameter-state")
     # the state dict alone leaves main params / moments as megatron's torch.empty placeholders
     assert all(r["max_abs_diff"] > 0 or r["max_abs_diff"] != r["max_abs_diff"] for r in broken)
 
 
-def test_missing_or_foreign_parameter_state_is_a_clear_error(tmp_path):
+def test_missing_or_foreign_parameter_state_is_a_clear_error():
     from megatron_prism.training import optimizer_state
 
-    class Part:  # the two methods and the group megatron's DistributedOptimizer exposes
-        class data_parallel_group:  # noqa: N801
+    class Part:  # the two methods and the gloo group megatron's DistributedOptimizer exposes
+        class data_parallel_group_gloo:  # noqa: N801
             @staticmethod
             def rank() -> int:
                 return 0
+
+        optimizer = None
 
         def get_parameter_state_dp_zero(self):
             return {"x": torch.zeros(2)}
@@ -65,10 +67,10 @@ def test_missing_or_foreign_parameter_state_is_a_clear_error(tmp_path):
     class Chained:
         chained_optimizers = [Part()]
 
-    with pytest.raises(FileNotFoundError, match="parameter state is missing"):
-        optimizer_state.load_parameter_state(Chained(), tmp_path / "nope.pt")
-    torch.save([{"x": torch.zeros(2)}, {"y": torch.zeros(1)}], tmp_path / "two.pt")
-    with pytest.raises(ValueError, match="holds 2 optimizer states, this model has 1"):
-        optimizer_state.load_parameter_state(Chained(), tmp_path / "two.pt")
-    assert optimizer_state.save_parameter_state(Chained(), tmp_path / "one.pt")
-    assert list(tmp_path.glob("one.pt.tmp*")) == [] and torch.load(tmp_path / "one.pt", weights_only=True)[0]["x"].shape == (2,)
+    with pytest.raises(ValueError, match=r"rank_00000.pt: holds no distributed-optimizer state.*use_distributed_optimizer"):
+        optimizer_state.scatter_parameter_state(Chained(), None, origin="rank_00000.pt")
+    with pytest.raises(ValueError, match="holds 2 optimizer parts, this model's optimizer has 1"):
+        optimizer_state.scatter_parameter_state(Chained(), [{"x": 1}, {"y": 2}], origin="f.pt")
+    with pytest.raises(ValueError, match="saved parameter state is empty"):
+        optimizer_state.scatter_parameter_state(Chained(), [None], origin="f.pt")
+    assert optimizer_state.gather_parameter_state(Chained())[0]["x"].shape == (2,)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron_prism.training.runtime import wrap_ddp
 
 from megatron_prism.config.schema import OptimizerConfig
 from megatron_prism.models import build_policy
@@ -22,7 +22,7 @@ def _loss(ddp, ids):
 
 def _setup(source, clip):
     model = build_policy(source)
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    ddp = wrap_ddp([model], distributed_optimizer=True)[0]
     # eps = lr, huge: Adam's first step is lr * g / (|g| + eps) ~ g, linear in g, so clipping shows in the update
     opt = PolicyOptimizer([ddp], OptimizerConfig(lr=1e6, clip_grad=clip, warmup_steps=0, schedule="constant",
                                                  weight_decay=0.0, adam_eps=1e6), total_steps=4, bf16=False)
