@@ -11,9 +11,9 @@
 #                                              ~2.6 MiB: megatron-core for CPython 3.12, manylinux)
 #
 # Carry tools/gpu_wheels/ with the repository (it is ignored by git). The stages run the tiny
-# default (examples/configs/tiny.yaml) with model.dtype=bfloat16; on a GPU the runtime switches on
-# megatron's distributed optimizer by itself (training/runtime.py wrap_ddp, optimizer.py), so the
-# resume check exercises its checkpoints. Exact resume is checked by stopping the second run after
+# default (examples/configs/tiny.yaml) with model.dtype=bfloat16 and megatron's distributed optimizer
+# (optim.use_distributed_optimizer, the default on CPU and GPU), so the resume check exercises its
+# checkpoints (the parameter state in every rank file). Exact resume is checked by stopping the second run after
 # every step (PRISM_STOP_FILE: checkpoint, exit 75) and relaunching it until it finishes.
 # PRISM_SMOKE_EXTRA_OVERRIDES adds config overrides (space-separated) to both runs.
 # PRISM_SMOKE_ALLOW_CPU=1 rehearses the whole script on a CPU (its resume and comparison logic;

@@ -7,7 +7,7 @@ weights and KV cache. The byte counts follow what this package allocates:
 
 * weights in ``model.dtype``; gradients in fp32 (``grad_reduce_in_fp32=True`` in training/runtime.py);
 * Adam: fp32 master weights + two moments = 12 bytes/param for bf16 (8 for fp32 weights), divided
-  by DP with megatron's distributed optimizer (on whenever there is a GPU);
+  by DP with megatron's distributed optimizer (``optim.use_distributed_optimizer``, the default);
 * activations per layer per micro-batch (bf16, no dropout, flash/SDPA attention, so no s^2 term):
   s*b*(8h + 4(a+2k)d + 2ad + 6f) bytes: the two norm inputs and two linear inputs (8h), Q/K/V
   before and after QK-norm/RoPE, the attention output, and SwiGLU's gate/up/product (6f). All of it
@@ -70,6 +70,7 @@ class Workload:
     stage_batches: dict[str, int] = field(default_factory=dict)  # stage -> global batch size
     stage_samples: dict[str, int] = field(default_factory=dict)  # stage -> sequences per record (rollout.n, ...)
     mini_batches: int = 1  # algorithm.mini_batches: optimizer steps per pass of ALIGN/RLVR
+    distributed_optimizer: bool = True  # optim.use_distributed_optimizer: Adam's state sharded over DP
 
 
 def stage_dp_limits(work: Workload, micro_batch_size: int) -> dict[str, int]:
@@ -172,13 +173,13 @@ def estimate(shape: ModelShape, lay: Layout, work: Workload, gpu_gib: float) -> 
         d = work.discriminator
         world = lay.tp * lay.pp * lay.dp
         d_params = d.total_params() - d.text.layers * d.expert_params() * (1 - 1 / lay.disc_ep)
-        disc = d_params * (wb + 4) + d_params * opt_bytes / world
+        disc = d_params * (wb + 4) + d_params * opt_bytes / (world if work.distributed_optimizer else 1)
         d_tokens = lay.micro_batch_size * work.max_seq_len
         disc += d_tokens * 2 * d.text.hidden * d.text.layers  # full recompute: one input per layer
     gib = {
         "weights": params * wb / GiB,
         "gradients": params * 4 / GiB,
-        "optimizer": params * opt_bytes / lay.dp / GiB,
+        "optimizer": params * opt_bytes / (lay.dp if work.distributed_optimizer else 1) / GiB,
         "activations": (chosen + vision_act) / GiB,
         "reference": params * wb / GiB if work.kl_reference else 0.0,
         "discriminator": disc / GiB,

@@ -56,7 +56,8 @@ def workload_from_config(cfg: PrismConfig) -> Workload:
         max_pixels=cfg.data.max_pixels or QWEN3VL_MAX_PIXELS, rollout_n=cfg.rollout.n, colocated=cfg.rollout.engine in ("sglang", "vllm"),
         kl_reference=cfg.algorithm.kl_coef > 0, discriminator=discriminator_shape(cfg),
         disc_top_k=getattr(getattr(cfg, "discriminator", None), "topk", 2), stage_batches=stages,
-        stage_samples=samples, mini_batches=cfg.algorithm.mini_batches)
+        stage_samples=samples, mini_batches=cfg.algorithm.mini_batches,
+        distributed_optimizer=cfg.optim.use_distributed_optimizer)
 
 
 def config_layout(cfg: PrismConfig, world: int) -> Layout:
@@ -78,7 +79,8 @@ def format_estimate(shape: ModelShape, est: Estimate, work: Workload, asm: Assum
              f"per GPU, heaviest pipeline stage ({work.max_seq_len} tokens per sequence, {work.dtype}):"]
     rows = [("weights", g["weights"], f"{work.dtype}"),
             ("gradients", g["gradients"], "fp32 (grad_reduce_in_fp32)"),
-            ("optimizer states", g["optimizer"], f"Adam fp32 master+m+v / DP={lay.dp} (distributed optimizer)"),
+            ("optimizer states", g["optimizer"], f"Adam fp32 master+m+v / DP={lay.dp} (distributed optimizer)" if work.distributed_optimizer
+             else "Adam fp32 master+m+v, every rank (optim.use_distributed_optimizer=false)"),
             ("activations", g["activations"], f"recompute={lay.recompute}; none: {est.activations_none_gib:.1f}, "
                                               f"full: {est.activations_full_gib:.1f}"),
             ("reference policy", g["reference"], "algorithm.kl_coef > 0" if g["reference"] else "kl_coef = 0: none"),

@@ -27,6 +27,8 @@ def test_8b_weights_and_adam_by_hand():
     assert est.gib["optimizer"] * GiB == n * 12  # Adam: fp32 master + m + v, before sharding
     sharded = estimate(Q8, Layout(tp=1, pp=1, dp=8), Workload(colocated=False), 1000.0)
     assert sharded.gib["optimizer"] * GiB == pytest.approx(n * 12 / 8)  # distributed optimizer over DP
+    whole = estimate(Q8, Layout(tp=1, pp=1, dp=8), Workload(colocated=False, distributed_optimizer=False), 1000.0)
+    assert whole.gib["optimizer"] * GiB == n * 12  # optim.use_distributed_optimizer=false: every rank all of it
 
 
 def test_tp_pp_split_the_decoder_by_hand():
