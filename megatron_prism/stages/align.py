@@ -46,8 +46,9 @@ from megatron_prism.stages.policy_update import rollout_seed, update_metrics, up
 from megatron_prism.training import preemption
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime, optimizer_config
-from megatron_prism.training.loop import StageContext, StageResult, Throughput, save, start_or_resume
+from megatron_prism.training.loop import StageContext, StageResult, Throughput, healthy, save, start_or_resume
 from megatron_prism.training.metrics import progress
+from megatron_prism.training.optimizer import TrainingDiverged
 from megatron_prism.training.runtime import PolicyRuntime
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,16 @@ def run_align(ctx: StageContext) -> StageResult:
     records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient)
     train, heldout = split_heldout(records)
     steps = ctx.stage.steps
-    state = start_or_resume(ctx, train, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=2)
+    disc_root = ctx.out_dir / "disc_checkpoints"
+    # resume from the newest step whose policy and discriminator checkpoints both verify
+    state = start_or_resume(ctx, train, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=2,
+                            companion=disc_root)
     runtime = state.runtime
     processor = input_processor(runtime.source, cfg.data)
     hf = runtime.hf_config
     client = make_client(ctx, runtime)
     reference = (PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, None, total_steps=1, seed=cfg.run.seed,
                                      trainable=False) if alg.kl_coef > 0 else None)
-    disc_root = ctx.out_dir / "disc_checkpoints"
     start_disc = Path(state.extra["disc_start"]) if "disc_start" in state.extra else \
         Path(ctx.artifacts.get(ARTIFACT) or starting_discriminator(ctx))
     state.extra["disc_start"] = str(start_disc)
@@ -136,18 +139,16 @@ def run_align(ctx: StageContext) -> StageResult:
             ctx.metrics.log("align", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
         saved = state.step % ctx.stage.save_every == 0 or state.step == steps
         if saved:
-            disc.save(disc_root, state.step, {"stage": "align"})
-            save(ctx, state)
+            saved = _save_game(ctx, state, disc, disc_root) is not None
         if preemption.should_stop():
             if not saved:
-                disc.save(disc_root, state.step, {"stage": "align"})
-                save(ctx, state)
-            raise preemption.Preempted("align", state.step)
+                _save_game(ctx, state, disc, disc_root)
+            raise preemption.Preempted("align", state.step, latest_checkpoint(ctx.checkpoint_root))
     bar.close()
-    final = latest_checkpoint(ctx.checkpoint_root)
+    final = latest_checkpoint(ctx.checkpoint_root) or _save_game(ctx, state, disc, disc_root)
     if final is None:
-        disc.save(disc_root, state.step, {"stage": "align"})
-        final = save(ctx, state)
+        raise TrainingDiverged(f"align ended at step {state.step} with a skip streak or NaN/inf weights and saved no "
+                               "checkpoint; lower the learning rates or check the data")
     final_disc = disc_root / final.name / "model"
     client.sync(runtime)
     after_final, pairs = heldout_eval(ctx, disc, processor, client, hf, heldout, label="after, final disc",
@@ -162,3 +163,14 @@ def run_align(ctx: StageContext) -> StageResult:
                                 "eval_after": eval_after, "game_before": state.extra["game_before"],
                                 "game_after": after, "game_after_final_disc": after_final,
                                 "skipped_records": dict(skips.counts), "artifacts": {ARTIFACT: str(final_disc)}})
+
+
+def _save_game(ctx: StageContext, state, disc: DiscriminatorRuntime, disc_root: Path) -> Path | None:
+    """Both halves of an ALIGN step, the discriminator first (see the module docstring), only when
+    both are healthy (collective: no skip streak, finite loss and weights on every rank): a save
+    during a NaN streak would poison the resume. Returns the policy checkpoint, None if not saved."""
+    if not (healthy(state) and disc.healthy()):
+        log.warning("align step %d: not saved (skip streak or non-finite weights)", state.step)
+        return None
+    disc.save(disc_root, state.step, {"stage": "align"})
+    return save(ctx, state)

@@ -33,6 +33,7 @@ from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime, 
 from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import StageContext, StageResult, Throughput
 from megatron_prism.training.metrics import progress
+from megatron_prism.training.optimizer import TrainingDiverged
 from megatron_prism.training.runtime import PolicyRuntime
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ def run_warmup(ctx: StageContext) -> StageResult:
         extra["heldout_before"] = before
 
     def checkpoint():
+        """The discriminator at ``step``, only when healthy (no skip streak, finite weights: a save
+        during a NaN streak would poison the resume); None when not saved."""
+        if not disc.healthy():
+            log.warning("warmup step %d: not saved (skip streak or non-finite weights)", step)
+            return None
         return disc.save(ctx.checkpoint_root, step, {"stage": "warmup", "loader": loader.state_dict(), "extra": extra})
 
     bar = progress(steps, step, "warmup", every=cfg.run.log_every)
@@ -94,12 +100,16 @@ def run_warmup(ctx: StageContext) -> StageResult:
         bar.step(last)
         saved = step % ctx.stage.save_every == 0 or step == steps
         if saved:
-            checkpoint()
+            saved = checkpoint() is not None
         if preemption.should_stop():
-            raise preemption.Preempted("warmup", step, checkpoint=checkpoint() if not saved else
-                                       latest_checkpoint(ctx.checkpoint_root))
+            if not saved:
+                checkpoint()
+            raise preemption.Preempted("warmup", step, checkpoint=latest_checkpoint(ctx.checkpoint_root))
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root) or checkpoint()
+    if final is None:
+        raise TrainingDiverged(f"warmup ended at step {step} with a skip streak or NaN/inf weights and saved no "
+                               "checkpoint; lower discriminator.warmup_lr or check the data")
     after, _ = heldout_eval(ctx, disc, processor, client, policy.hf_config, heldout, label="after", pairs=pairs)
     client.shutdown()
     return StageResult(stage="warmup", checkpoint=str(ctx.source), steps=step, wall_seconds=time.time() - started,

@@ -337,17 +337,27 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return newest_complete(root)
 
 
-def newest_verified(root: str | Path, world_size: int | None = None, *, say=print) -> Path | None:
-    """The newest checkpoint under ``root`` that verifies (digests, JSON, step, layout); each one
-    that does not is reported in one line (``say``) and passed over. None when ``root`` holds no
-    checkpoint; a CheckpointError when it holds some and none verifies."""
+def _verify_with(path: Path, world: int, companion: Path | None) -> None:
+    """``path`` verifies, and so does the same step under ``companion`` (ALIGN's discriminator
+    checkpoints, saved at the policy's steps: a resume needs both halves of a step)."""
+    verify_checkpoint(path, world)
+    if companion is not None:
+        verify_checkpoint(Path(companion) / path.name, world)
+
+
+def newest_verified(root: str | Path, world_size: int | None = None, *, say=print,
+                    companion: str | Path | None = None) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies (digests, JSON, step, layout; and the
+    same step under ``companion`` when given); each one that does not is reported in one line
+    (``say``) and passed over. None when ``root`` holds no checkpoint; a CheckpointError when it
+    holds some and none verifies."""
     root = Path(root)
     world = world_size or (dist.get_world_size() if dist.is_initialized() else 1)
     candidates = _step_dirs(root) if root.is_dir() else []
     reasons = []
     for path in candidates:
         try:
-            verify_checkpoint(path, world)
+            _verify_with(path, world, Path(companion) if companion is not None else None)
             return path
         except CheckpointError as exc:
             reasons.append(str(exc))
@@ -358,17 +368,20 @@ def newest_verified(root: str | Path, world_size: int | None = None, *, say=prin
     return None
 
 
-def choose_resume(root: str | Path, *, resume_from: str | Path | None = None) -> Path | None:
+def choose_resume(root: str | Path, *, resume_from: str | Path | None = None,
+                  companion: str | Path | None = None) -> Path | None:
     """Collective: the checkpoint every rank resumes from (``resume_from`` when given, verified;
-    else :func:`newest_verified`), decided on rank 0 (which hashes the files) and broadcast."""
+    else :func:`newest_verified`), decided on rank 0 (which hashes the files) and broadcast.
+    ``companion``: a directory whose checkpoint of the same step must verify too."""
     choice: list = [None]
+    companion = Path(companion) if companion is not None else None
     if _rank() == 0:
         try:
             if resume_from is not None:
-                verify_checkpoint(Path(resume_from), dist.get_world_size() if dist.is_initialized() else 1)
+                _verify_with(Path(resume_from), dist.get_world_size() if dist.is_initialized() else 1, companion)
                 choice[0] = ("ok", str(resume_from))
             else:
-                found = newest_verified(root)
+                found = newest_verified(root, companion=companion)
                 choice[0] = ("ok", str(found) if found else None)
             if choice[0][1] is not None:
                 # a kill between a save's rename and its ``latest`` update (or a garbled newer one

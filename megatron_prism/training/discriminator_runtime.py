@@ -183,11 +183,31 @@ class DiscriminatorRuntime:
 
     # --- checkpoints -----------------------------------------------------------------------
 
+    def healthy(self) -> bool:
+        """Collective: no skip streak and finite weights on every rank (a save now would not
+        poison a resume)."""
+        return self._finite(self.optimizer is None or self.optimizer.skipped_in_a_row == 0)
+
+    def _finite(self, local_ok: bool = True) -> bool:
+        """Collective: ``local_ok`` and finite weights, on every rank."""
+        ok = local_ok and all(bool(torch.isfinite(p).all()) for c in self.chunks for p in c.parameters())
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=host_group())  # collective (host, gloo): the health flag
+        return bool(flag[0])
+
     def save(self, root: Path, step: int, trainer_state: dict[str, Any], *, keep_last: int = 2) -> Path:
-        """Collective: model + optimizer + RNG at ``root/step_N`` (atomic rename), ``latest`` updated."""
+        """Collective: model + optimizer + RNG at ``root/step_N`` (atomic rename), ``latest`` updated.
+        Refuses (:class:`~megatron_prism.training.checkpoint.NonFiniteCheckpoint`) weights with a
+        NaN/inf, leaving the previous checkpoint the newest."""
         from megatron_prism.training.integrity import tree_digests, write_json, write_torch
 
         root = Path(root)
+        if not self._finite():  # (collective: every rank refuses together, before any write)
+            previous = ckpt.newest_complete(root)
+            raise ckpt.NonFiniteCheckpoint(
+                f"discriminator checkpoint at step {step} not written: the weights hold NaN/inf; "
+                + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"))
         final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
         rank = dist.get_rank() if dist.is_initialized() else 0
         ok = torch.tensor([1], dtype=torch.int32)

@@ -98,13 +98,15 @@ class TrainingState:
     extra: dict[str, Any]
 
 
-def start_or_resume(ctx: StageContext, items: list, *, total_steps: int, seed_offset: int = 0) -> TrainingState:
-    """Build the policy (from the stage's newest checkpoint if it has one, else from ``source``),
-    its optimizer and the data loader, and restore their state on resume."""
+def start_or_resume(ctx: StageContext, items: list, *, total_steps: int, seed_offset: int = 0,
+                    companion: Path | None = None) -> TrainingState:
+    """Build the policy (from the stage's newest checkpoint that verifies, else from ``source``),
+    its optimizer and the data loader, and restore their state on resume. ``companion``: another
+    checkpoint directory of the stage whose same step must verify too (ALIGN's discriminator)."""
     cfg = ctx.cfg
     seed = cfg.run.seed + seed_offset
     optim = cfg.optim if ctx.stage.lr is None else replace(cfg.optim, lr=ctx.stage.lr)
-    latest = ckpt.choose_resume(ctx.checkpoint_root, resume_from=ctx.resume_from)
+    latest = ckpt.choose_resume(ctx.checkpoint_root, resume_from=ctx.resume_from, companion=companion)
     loader = ShardedLoader(items, ctx.stage.global_batch_size, seed=cfg.data.seed + seed_offset,
                            dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
     if latest is None:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from megatron_prism.training.runtime import wrap_ddp
 
 from megatron_prism.config.schema import OptimizerConfig
 from megatron_prism.models import build_policy
@@ -25,6 +24,7 @@ from megatron_prism.models.errors import CheckpointError
 from megatron_prism.models.qwen3vl.config import read_hf_config
 from megatron_prism.training import checkpoint as ckpt
 from megatron_prism.training.optimizer import PolicyOptimizer
+from megatron_prism.training.runtime import wrap_ddp
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,6 +162,28 @@ def test_nan_weights_are_never_saved(tiny_dirs, tmp_path):
         _save(tmp_path / "ck", 2, ddp, opt, src)
     assert ckpt.newest_verified(tmp_path / "ck") == first
     assert not list((tmp_path / "ck").glob(".tmp-*")) and not (tmp_path / "ck" / "step_00000002").exists()
+
+
+def test_nan_discriminator_weights_are_never_saved(tiny_dirs, tmp_path):
+    from megatron_prism.models.discriminator import DiscriminatorSpec, build_discriminator, upcycle_to_checkpoint
+    from megatron_prism.models.discriminator.parts import PartFinder
+    from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime
+
+    source = upcycle_to_checkpoint(tiny_dirs["a"], tmp_path / "routed", DiscriminatorSpec(experts=4, topk=2), seed=5)
+    model = build_discriminator(source, seed=5)
+    chunks = wrap_ddp([model], distributed_optimizer=True)
+    disc = DiscriminatorRuntime(chunks, model.hf_config, model.spec, PartFinder([b""] * 256), 0, 1,
+                                PolicyOptimizer(chunks, OptimizerConfig(lr=1e-3), total_steps=2, bf16=False))
+    root = tmp_path / "disc_ck"
+    first = disc.save(root, 1, {"stage": "warmup"})
+    assert disc.healthy()
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    assert not disc.healthy()
+    with pytest.raises(ckpt.NonFiniteCheckpoint, match=r"discriminator checkpoint at step 2 not written: the weights "
+                                                        r"hold NaN/inf; .*step_00000001 is intact"):
+        disc.save(root, 2, {"stage": "warmup"})
+    assert ckpt.newest_verified(root) == first and not (root / "step_00000002").exists()
 
 
 # A real child process saves checkpoints until the disk (or its file-size limit) is full.

@@ -37,17 +37,27 @@ def game_reference(warm, tmp_path_factory):
     return run_dir
 
 
-def test_align_resume_after_sigkill_is_bit_exact(warm, game_reference, tmp_path):
+def test_align_resume_after_sigkill_and_a_garbled_discriminator_is_bit_exact(warm, game_reference, tmp_path):
+    """Killed in ALIGN's third step; then the newest discriminator checkpoint (step 2) is garbled in
+    place: the rerun passes over step 2 of both players (a step needs both halves) and resumes from
+    step 1, ending bit-exact."""
     run_dir = tmp_path / "run"
     overrides = [*warm.overrides(), *GAME2]
-    kill_at("align.update@2", run_dir, overrides)
+    kill_at("align.update@3", run_dir, overrides)
     assert (run_dir / "warmup" / "result.json").is_file() and not (run_dir / "align" / "result.json").exists()
-    assert (run_dir / "align" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert (run_dir / "align" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    shard = next((run_dir / "align" / "disc_checkpoints" / "step_00000002" / "model").glob("mp_rank_*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(range(64))
+    shard.write_bytes(bytes(data))
 
     proc = subprocess.run(prism_argv(run_dir, *overrides), cwd=ROOT, env=prism_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "stage warmup: already finished" in proc.stdout and "stage align: starting" in proc.stdout
+    passed = [ln for ln in proc.stdout.splitlines() if "checkpoint step_00000002 does not verify, passed over" in ln]
+    assert len(passed) == 1 and "disc_checkpoints/step_00000002/model" in passed[0], proc.stdout[-3000:]
+    assert "resumed from" in proc.stdout and "step_00000001 (step 1)" in proc.stdout
 
     ref_policy, got_policy = (shard_tensors(_latest(d / "align" / "checkpoints")) for d in (game_reference, run_dir))
     assert ref_policy.keys() == got_policy.keys()

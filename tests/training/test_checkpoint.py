@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from megatron_prism.training.runtime import wrap_ddp
 
 from megatron_prism.config.schema import OptimizerConfig
 from megatron_prism.models import build_policy
@@ -16,6 +15,7 @@ from megatron_prism.models.errors import CheckpointError
 from megatron_prism.models.qwen3vl.config import read_hf_config
 from megatron_prism.training import checkpoint as ckpt
 from megatron_prism.training.optimizer import PolicyOptimizer
+from megatron_prism.training.runtime import wrap_ddp
 
 
 def _setup(source):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
-from megatron_prism.training.runtime import wrap_ddp
 
 from megatron_prism.config.schema import OptimizerConfig
 from megatron_prism.models import build_policy
 from megatron_prism.training.optimizer import PolicyOptimizer
+from megatron_prism.training.runtime import wrap_ddp
 
 
 def _loss(ddp, ids):
