@@ -74,7 +74,9 @@ def test_te_moe_layer_keeps_its_pre_mlp_norm(tiny_dirs):
 
     with megatron_te_layer_spec_available():
         layer = qspec.qwen3vl_layer_spec("te", num_experts=4)
-    assert layer.submodules.pre_mlp_layernorm is not None and "IdentityOp" not in repr(layer.submodules.pre_mlp_layernorm)
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    assert layer.submodules.pre_mlp_layernorm is TENorm
     # the MoE's experts are built at run time (SequentialMLP.local_experts): compare outside the MLP
     layer.submodules.mlp = None  # (a spec built for this test only)
     te_attention = set(spec_parameter_names(layer))
