@@ -11,6 +11,7 @@ per-sample MRoPE positions) against the dense-mask path. What is owed to a GPU: 
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -321,3 +322,54 @@ def test_te_spec_matches_transformers(tiny_dirs, hf_models):
     real = row.targets[0, : row.spans[-1][1]] != -100
     torch.testing.assert_close(thd[0, : row.spans[-1][1]][real.cuda()], dense[0, : row.spans[-1][1]][real.cuda()],
                                rtol=0.05, atol=0.05)
+
+
+def test_sft_rows_reach_the_model_as_thd(te_named_build, tiny_dirs):
+    """SFT's packing -> micro-batches -> the runtime's forward step: under the TE spec the rows carry
+    cu_seqlens and no [L, L] mask, and give the local spec's dense-mask log-probs."""
+    from megatron_prism.config.schema import ModelConfig, ParallelConfig
+    from megatron_prism.data.packing import VisionTokens, pack_demonstrations
+    from megatron_prism.stages.sft import _rows_to_micro_batches
+    from megatron_prism.training.runtime import PolicyRuntime
+
+    vision = VisionTokens(TOKENS["image_token_id"], TOKENS["video_token_id"], spatial_merge_size=2)
+    gen = torch.Generator().manual_seed(5)
+    examples = [_example(gen, f"s{i}", grids, 4, 6 + i) for i, grids in enumerate([[[1, 4, 4]], [], [[1, 2, 6]], []])]
+    logp = {}
+    for backend in ("sdpa", "te"):
+        runtime = PolicyRuntime.build(tiny_dirs["a"], ModelConfig(attention_backend=backend), ParallelConfig(), None,
+                                      total_steps=1, seed=1, trainable=False)
+        rows = pack_demonstrations(examples, 48, vision, pad_id=0, pad_to_multiple_of=16,
+                                   dense_mask=runtime.packed_layout == "mask")
+        assert all((r.attention_mask is None) == (backend == "te") for r in rows)
+        mbs = _rows_to_micro_batches(rows)
+        got: dict[int, torch.Tensor] = {}
+        runtime.run(mbs, lambda out, t: (out.logp.sum() * 0, {}), forward_only=True,
+                    collect=lambda i, out: got.__setitem__(i, out.logp.detach()))
+        logp[backend] = [(got[i], r) for i, r in enumerate(rows)]
+    assert len(logp["te"]) == len(logp["sdpa"]) >= 2
+    for (te, row), (dense, _) in zip(logp["te"], logp["sdpa"]):
+        real = slice(0, row.spans[-1][1])
+        torch.testing.assert_close(te[:, real], dense[:, real], rtol=1e-6, atol=1e-6)
+
+
+def test_megatron_thd_rotary_needs_the_padding_sequence():
+    """Why thd_packed_seq_params counts the padding as a sequence: megatron 0.16.1 applies per-token
+    (MRoPE) angles under THD only when cu_seqlens ends at the row length; otherwise it restarts
+    angles 0..n at each sample, which is wrong for 3-D positions."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd, _apply_rotary_pos_emb_thd
+
+    from megatron_prism.models.qwen3vl.rope import InterleavedMRoPE
+
+    gen = torch.Generator().manual_seed(0)
+    t, heads, dim = 12, 2, 8
+    x = torch.randn(t, heads, dim, generator=gen)
+    positions = torch.tensor([0, 1, 1, 1, 2, 3, 0, 1, 2, 0, 0, 0]).expand(3, 1, t).clone()
+    positions[1, 0, 1:4] = torch.tensor([1, 2, 2])  # an image's rows differ from its text position
+    freqs = InterleavedMRoPE(dim, 10000.0, [2, 1, 1])(positions)  # [t, 1, 1, dim]
+    per_token = _apply_rotary_pos_emb_bshd(x[:, None], freqs).squeeze(1)
+    cp = types.SimpleNamespace(size=lambda: 1, rank=lambda: 0)  # no context parallelism (all it asks)
+    cu = thd_packed_seq_params(torch.tensor([0, 6, 9]), t).cu_seqlens_q  # padding tail [9, 12) appended
+    assert torch.equal(_apply_rotary_pos_emb_thd(x, cu, freqs, cp_group=cp), per_token)
+    short = torch.tensor([0, 6, 9], dtype=torch.int32)
+    assert not torch.allclose(_apply_rotary_pos_emb_thd(x[:9], short, freqs, cp_group=cp), per_token[:9])
