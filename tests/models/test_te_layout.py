@@ -373,3 +373,21 @@ def test_megatron_thd_rotary_needs_the_padding_sequence():
     assert torch.equal(_apply_rotary_pos_emb_thd(x, cu, freqs, cp_group=cp), per_token)
     short = torch.tensor([0, 6, 9], dtype=torch.int32)
     assert not torch.allclose(_apply_rotary_pos_emb_thd(x[:9], short, freqs, cp_group=cp), per_token[:9])
+
+
+def test_te_backend_on_this_cpu_is_refused_before_the_run():
+    """The config check (prism run validates first) says it in one line, before any stage starts."""
+    from pathlib import Path
+
+    from megatron_prism.config import ConfigError, load_config
+    from megatron_prism.config.validate import check_config
+
+    if qspec.transformer_engine_status() is None:
+        pytest.skip("Transformer Engine runs here")
+    tiny = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny.yaml"
+    for name in ("te", "flash"):
+        cfg = load_config(tiny, [f"model.attention_backend={name}"])
+        with pytest.raises(ConfigError, match=rf"^key 'model.attention_backend' .* is '{name}': needs Transformer "
+                                              r"Engine, but [^\n]*use sdpa \(or auto\)$"):
+            check_config(cfg, overrides=[f"model.attention_backend={name}"])
+    check_config(load_config(tiny, ["model.attention_backend=auto"]))
