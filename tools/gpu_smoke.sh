@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one command to run first on a GPU machine (issue 12): GPU kernel tests, the device audit on
+# The one command to run first on a GPU machine (issue 12): GPU kernel tests, the TE-spec parity
+# test (where Transformer Engine is installed), the device audit on
 # the real GPU, one step of each training stage in bf16 with the distributed optimizer, and exact
 # resume (save, load, one more step) against an uninterrupted run. At most ~8 minutes on one
 # H100/H200, no network, Python 3.12 and another torch tolerated.
@@ -265,6 +266,10 @@ else
 fi
 check gpu_kernel_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu "$REPO/tests/kernels" \
     --junitxml="$OUT/gpu_kernel_tests.xml"
+# Transformer Engine spec vs transformers' tiny Qwen3-VL, and a packed THD row (issue 12 item 5);
+# skips with its reason where the [te] extra is not installed (the lent machines have no TE)
+check te_parity 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu "$REPO/tests/models/test_te_layout.py" \
+    -rs --junitxml="$OUT/te_parity.xml"
 check device_audit 150 "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/test_device_audit.py" -k device_audit \
     --junitxml="$OUT/device_audit.xml"
 # issue 15's quick kernel figures and issue 13's SGLang-layout CUDA-IPC weight hand-off (bit-exact,

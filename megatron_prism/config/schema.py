@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-AttentionBackend = Literal["auto", "sdpa", "te"]
+AttentionBackend = Literal["auto", "sdpa", "te", "flash", "fused", "unfused"]
 Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["constant", "cosine"]
 Logger = Literal["tensorboard", "wandb", "none"]
@@ -37,6 +37,12 @@ class ModelConfig:
     ``auto`` (the default) is ``bfloat16`` weights with fp32 main gradients and fp32 optimizer
     state on a GPU, and ``float32`` on a CPU (the one dtype that is exact and fast enough there);
     ``float16`` is refused (it needs a loss scaler this trainer does not drive).
+
+    ``attention_backend``: ``sdpa`` is the torch layer spec (any device); ``te`` is Transformer
+    Engine's layer spec with TE choosing its attention kernels, ``flash`` / ``fused`` (cuDNN) /
+    ``unfused`` the same spec with that kernel family pinned (all four need TE and a GPU);
+    ``auto`` is ``te`` where TE imports and CUDA is available, else ``sdpa``. Checkpoints do not
+    depend on it: a run may resume or convert under another backend.
     """
 
     hf_dir: str | None = None

@@ -375,6 +375,13 @@ def _layout(c: _Check, world_size: int | None, *, batches: bool) -> None:
 def _paths(c: _Check) -> None:
     cfg = c.cfg
     m = cfg.model
+    if m.attention_backend not in ("auto", "sdpa"):  # this machine's packages, like its files
+        from megatron_prism.models.qwen3vl.spec import transformer_engine_status
+
+        why = transformer_engine_status()
+        if why is not None:
+            c.fail("model.attention_backend", f"needs Transformer Engine, but {why}; on a CUDA machine install it "
+                                              "(pip install --no-build-isolation -e '.[te]'), or use sdpa (or auto)")
     if m.megatron_dir and not (Path(m.megatron_dir) / "prism_checkpoint.json").is_file():
         c.fail("model.megatron_dir", "is not a megatron_prism checkpoint (no prism_checkpoint.json); convert one with "
                                      "`prism convert hf-to-megatron` or point it at a training checkpoint")

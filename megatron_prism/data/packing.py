@@ -3,9 +3,10 @@
 Packing removes padding waste (demonstrations vary a lot in length), but the samples in a row must
 not see each other: attention is causal *within* a sample only, positions restart per sample
 (Qwen3-VL's 3-D MRoPE positions are computed per sample with its own image grids), and the loss
-covers each sample's response tokens only. On a GPU the isolation is expressed by ``cu_seqlens``
-(THD layout for fused attention kernels); on a CPU by the equivalent block-diagonal causal mask.
-Both are produced here; the tests check that a packed row gives the same per-sample losses as
+covers each sample's response tokens only. Under the Transformer Engine layer spec the isolation
+is expressed by ``cu_seqlens`` (THD layout for its fused attention kernels); under the local (SDPA)
+spec by the equivalent block-diagonal causal mask. Both are produced here (the [L, L] mask only when
+asked: ``dense_mask``); the tests check that a packed row gives the same per-sample losses as
 the samples run one by one.
 """
 
@@ -34,7 +35,7 @@ class PackedRow:
     input_ids: torch.Tensor  # [1, L]
     targets: torch.Tensor  # [1, L] next-token ids, IGNORE_INDEX outside responses and at seams
     position_ids: torch.Tensor  # [3, 1, L]
-    attention_mask: torch.Tensor  # [1, 1, L, L] bool, True = masked (megatron convention)
+    attention_mask: torch.Tensor | None  # [1, 1, L, L] bool, True = masked (megatron); None without dense_mask
     cu_seqlens: torch.Tensor  # [n + 1] int32 sample boundaries (THD), padding excluded
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
@@ -72,8 +73,10 @@ def pack_demonstrations(
     *,
     pad_id: int,
     pad_to_multiple_of: int = 1,
+    dense_mask: bool = True,
 ) -> list[PackedRow]:
-    """Packs demonstrations into rows of at most ``max_length`` tokens (padded to a multiple)."""
+    """Packs demonstrations into rows of at most ``max_length`` tokens (padded to a multiple).
+    ``dense_mask=False`` leaves out the [L, L] mask (THD attention needs ``cu_seqlens`` only)."""
     out = []
     for members in _plan([e.input_ids.numel() for e in examples], max_length):
         ids, targets, positions, segments, spans = [], [], [], [], []
@@ -103,15 +106,17 @@ def pack_demonstrations(
             targets.append(torch.full((pad,), IGNORE_INDEX, dtype=torch.long))
             positions.append(torch.arange(pad).expand(3, pad))
             segments.append(torch.full((pad,), -1, dtype=torch.long))  # padding: its own segment
-        seg = torch.cat(segments)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        allowed = causal & (seg[:, None] == seg[None, :])
+        mask = None
+        if dense_mask:
+            seg = torch.cat(segments)
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            mask = (~(causal & (seg[:, None] == seg[None, :])))[None, None]
         bounds = [0] + [end for _, end in spans]
         out.append(PackedRow(
             input_ids=torch.cat(ids)[None],
             targets=torch.cat(targets)[None],
             position_ids=torch.cat(positions, dim=1)[:, None],
-            attention_mask=(~allowed)[None, None],
+            attention_mask=mask,
             cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
             pixel_values=torch.cat(pixels) if pixels else None,
             image_grid_thw=torch.cat(grids) if grids else None,

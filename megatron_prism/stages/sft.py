@@ -36,7 +36,8 @@ def _rows_to_micro_batches(rows) -> list[MicroBatch]:
     return [
         MicroBatch(
             {"input_ids": r.input_ids, "targets": r.targets, "attention_mask": r.attention_mask,
-             "position_ids": r.position_ids, "pixel_values": r.pixel_values, "image_grid_thw": r.image_grid_thw},
+             "position_ids": r.position_ids, "pixel_values": r.pixel_values, "image_grid_thw": r.image_grid_thw,
+             "cu_seqlens": r.cu_seqlens},
             num_tokens=int((r.targets != IGNORE_INDEX).sum()),
         )
         for r in rows
@@ -80,7 +81,7 @@ def run_sft(ctx: StageContext) -> StageResult:
                     raise
                 skips.skip(reason_of(err), str(err), key=record.id)
         rows = pack_demonstrations(examples, cfg.data.max_seq_len, vision, pad_id=processor.pad_id,
-                                   pad_to_multiple_of=multiple)
+                                   pad_to_multiple_of=multiple, dense_mask=runtime.packed_layout == "mask")
         micro_batches = _rows_to_micro_batches(rows)
         counts = GlobalCounts(tokens=_global_tokens(micro_batches), seqs=1.0)
         timer.lap("prepare")

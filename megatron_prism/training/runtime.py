@@ -28,7 +28,7 @@ from megatron_prism.models.qwen3vl.model import HeadRequest
 from megatron_prism.parallel.devices import host_group, model_dtype
 from megatron_prism.training.optimizer import PolicyOptimizer
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "attention_mask", "position_ids")
+MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "attention_mask", "position_ids", "cu_seqlens")
 LossFn = Callable[[TokenLogProbs, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,7 +77,7 @@ class PolicyRuntime:
         dtype = _DTYPES[model_dtype(model.dtype)]
         built = build_policy(source, tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp,
                              sequence_parallel=parallel.sequence_parallel, dtype=dtype,
-                             recompute=model.recompute, seed=seed)
+                             recompute=model.recompute, backend=model.attention_backend, seed=seed)
         chunks = built if isinstance(built, list) else [built]
         source = Path(source)
         hf_dir = source / "hf" if (source / "hf").is_dir() else source
@@ -93,6 +93,11 @@ class PolicyRuntime:
     @property
     def config(self):
         return getattr(self.chunks[0], "module", self.chunks[0]).config
+
+    @property
+    def packed_layout(self) -> str:
+        """How the model keeps packed samples apart: ``mask`` (dense, local spec) or ``thd`` (TE)."""
+        return getattr(self.chunks[0], "module", self.chunks[0]).packed_layout
 
     def train(self, mode: bool = True) -> None:
         for c in self.chunks:

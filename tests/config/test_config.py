@@ -206,7 +206,7 @@ def test_wrong_type_in_file_names_file(tmp_path):
     "override,choices",
     [
         ("model.dtype=fp8", "'auto', 'float32', 'bfloat16', 'float16'"),
-        ("model.attention_backend=flash", "'auto', 'sdpa', 'te'"),
+        ("model.attention_backend=xformers", "'auto', 'sdpa', 'te', 'flash', 'fused', 'unfused'"),
         ("model.recompute=partial", "'none', 'selective', 'full'"),
         ("optim.schedule=linear", "'constant', 'cosine'"),
         ("run.logger=mlflow", "'tensorboard', 'wandb', 'none'"),

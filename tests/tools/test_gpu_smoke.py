@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "gpu_smoke.sh"
-PLANNED = ["gpu_environment", "megatron_core", "stage_config", "gpu_kernel_tests", "device_audit",
+PLANNED = ["gpu_environment", "megatron_core", "stage_config", "gpu_kernel_tests", "te_parity", "device_audit",
            "kernel_bench", "weight_handoff", "stages_uninterrupted", "stages_resumed_after_every_step", "resume_bit_exact"]
 
 

@@ -6,6 +6,12 @@ signature). Why our own: megatron's local attention allocates its score buffer o
 memory-efficient kernels on GPU, a fused CPU kernel here) and takes arbitrary boolean masks, which
 padded batches need. It is the attention of the local spec on CPU and GPU alike; the Transformer
 Engine spec uses TE's attention instead.
+
+It also takes megatron's THD packed layout (``packed_seq_params.qkv_format == "thd"``: q, k, v of
+shape [t, heads, dim], samples delimited by ``cu_seqlens``), attending causally within each sample
+as TE's padding_causal THD attention does. The local spec never sends THD (it isolates packed
+samples with a dense mask); this path lets the CPU check the THD plumbing the TE spec relies on
+(megatron's THD rotary, the squeezed shapes) against the dense-mask path.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ class SDPACoreAttention(MegatronModule):
         packed_seq_params=None,
     ) -> torch.Tensor:
         if packed_seq_params is not None:
-            raise ValueError("packed (THD) sequences need the Transformer Engine attention spec")
+            return self._thd(query, key, value, packed_seq_params)
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SDPACoreAttention")
         sq, b, heads, dim = query.shape
@@ -78,3 +84,21 @@ class SDPACoreAttention(MegatronModule):
             )
         # [b, h, s, d] -> [s, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
+
+    def _thd(self, query, key, value, packed_seq_params) -> torch.Tensor:
+        """[t, heads, dim] q/k/v of samples packed back to back -> [t, heads * dim]."""
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"packed_seq_params.qkv_format {packed_seq_params.qkv_format!r} is not supported; use 'thd'")
+        if packed_seq_params.cu_seqlens_q_padded is not None or packed_seq_params.cu_seqlens_kv_padded is not None:
+            raise ValueError("SDPACoreAttention takes unpadded THD (cu_seqlens_*_padded must be None)")
+        t = query.shape[0]
+        cu = packed_seq_params.cu_seqlens_q
+        if not torch.equal(cu, packed_seq_params.cu_seqlens_kv) or int(cu[-1]) != t:
+            raise ValueError(f"THD self-attention needs cu_seqlens_q == cu_seqlens_kv ending at {t} tokens")
+        sample = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=query.device),
+                                         (cu[1:] - cu[:-1]).to(query.device).long())
+        causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
+        masked = ~(causal & (sample[:, None] == sample[None, :]))
+        # as the [s, b=1, h, d] path with a [1, 1, t, t] mask
+        out = self.forward(query[:, None], key[:, None], value[:, None], masked[None, None])
+        return out.reshape(t, -1)

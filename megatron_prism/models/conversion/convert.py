@@ -29,6 +29,7 @@ from megatron_prism.models.conversion.mapping import (
     expected_lm_shapes,
     expected_vision_shapes,
     place,
+    spec_name,
 )
 from megatron_prism.models.errors import CheckpointError
 from megatron_prism.models.qwen3vl.config import check_layout, read_hf_config
@@ -102,13 +103,21 @@ def _commit(tmp: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
-def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1) -> Path:
-    """Write a megatron_prism checkpoint (TP x PP shards) from a HF Qwen3-VL directory."""
+def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, *,
+                           layer_spec: str = "local") -> Path:
+    """Write a megatron_prism checkpoint (TP x PP shards) from a HF Qwen3-VL directory.
+
+    ``layer_spec="te"`` stores the tensors under the Transformer Engine spec's names (for tools that
+    read megatron TE-layout state dicts); either checkpoint loads into a model of either spec."""
+    if layer_spec not in ("local", "te"):
+        raise ValueError(f"layer_spec must be 'local' or 'te', got {layer_spec!r}")
     hf_dir, out = Path(hf_dir), Path(out_dir)
     cfg = read_hf_config(hf_dir)
     check_layout(cfg, tp, pp)
     source = HFSource(hf_dir, cfg)
     identity = {"tp": tp, "pp": pp, "source_fingerprint": _fingerprint(hf_dir, source.weights)}
+    if layer_spec != "local":
+        identity["layer_spec"] = layer_spec
     tmp = _prepare_output(out, identity)
     if tmp is None:
         return out
@@ -123,9 +132,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1,
                 if place(m, num_layers, pp).pp_rank != stage:
                     continue
                 ranks = [0] if m.split == "replicated" else range(tp)
+                stored = spec_name(m.megatron, layer_spec)
                 for r in ranks:
-                    per_rank[r][m.megatron] = source.shard(m, r, tp).contiguous().clone()
-                weight_map[m.megatron] = [mf.shard_file(r, stage) for r in ranks]
+                    per_rank[r][stored] = source.shard(m, r, tp).contiguous().clone()
+                weight_map[stored] = [mf.shard_file(r, stage) for r in ranks]
             for r in range(tp):
                 name = mf.shard_file(r, stage)
                 save_file(per_rank[r], str(tmp / name), metadata={"format": "pt"})

@@ -19,6 +19,12 @@ Vocabulary padding, as megatron does it: the embedding and output layer hold
 ``shard`` appends zero rows after the real vocabulary and ``unshard`` drops them again, so the
 padding never leaves the megatron side (HF files and engine weight syncs have the real vocabulary)
 and a checkpoint reshards to another TP through the real rows.
+
+Layer specs: the names here are the local spec's, and every checkpoint this project writes uses
+them. Transformer Engine's spec holds two of the tensors under other names (it fuses each pre-norm
+into the linear after it); :func:`spec_name` and :func:`canonical_name` are the one translation,
+applied where a model's own parameter names meet the map (loading, :func:`global_name` for saving
+and weight export) and where a checkpoint's stored names are read.
 """
 
 from __future__ import annotations
@@ -220,6 +226,43 @@ def all_maps(hf_config, hf_vision_names: list[str]) -> list[ParamMap]:
     return language_model_maps(hf_config) + vision_maps(hf_vision_names)
 
 
+# ---- layer-spec names ---------------------------------------------------------------------------
+
+_DECODER = "language_model.decoder.layers."
+# (the map's / local spec's suffix, the TE spec's suffix). TE's LayerNormLinear registers the fused
+# norm's scale as ``layer_norm_weight`` (TE 2.11 pytorch/module/layernorm_linear.py:1259-1265; an
+# RMSNorm registers no ``layer_norm_bias``, :1267-1275), and megatron-core 0.16.1's TE spec puts
+# one in linear_qkv and, for a dense MLP, one in linear_fc1 (models/gpt/gpt_layer_specs.py,
+# get_gpt_layer_with_transformer_engine_spec), leaving input_layernorm / pre_mlp_layernorm IdentityOp.
+_FUSED_NORMS = (
+    (".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight"),
+    (".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight"),
+)
+
+
+def spec_name(name: str, spec: str, *, moe: bool = False) -> str:
+    """The map's name of a parameter -> its name in a model built with layer spec ``spec``
+    (``local`` | ``te``). An MoE layer keeps its ``pre_mlp_layernorm`` under TE too (the norm sits
+    before the router, outside any linear: the TE spec's pre_mlp_layernorm is a TENorm there)."""
+    if spec == "local" or not name.startswith(_DECODER):
+        return name
+    if spec != "te":
+        raise ValueError(f"unknown layer spec {spec!r}: expected 'local' or 'te'")
+    for local, te in _FUSED_NORMS[:1] if moe else _FUSED_NORMS:
+        if name.endswith(local):
+            return name[: -len(local)] + te
+    return name
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name of either layer spec (chunk-local or global) -> the map's name."""
+    if name.startswith(_DECODER):
+        for local, te in _FUSED_NORMS:
+            if name.endswith(te):
+                return name[: -len(te)] + local
+    return name
+
+
 # ---- pipeline placement -------------------------------------------------------------------------
 
 
@@ -255,8 +298,10 @@ def place(param: ParamMap, num_layers: int, pp: int, vpp: int | None = None) -> 
 
 
 def global_name(local_name: str, pp_rank: int, vp_stage: int, num_layers: int, pp: int, vpp: int | None = None) -> str:
-    """Inverse of :func:`place`: a chunk-local parameter name -> its global megatron name."""
-    prefix = "language_model.decoder.layers."
+    """Inverse of :func:`place`: a chunk-local parameter name (of either layer spec) -> its global
+    name in the map."""
+    prefix = _DECODER
+    local_name = canonical_name(local_name)
     if not local_name.startswith(prefix):
         return local_name
     local, rest = local_name[len(prefix):].split(".", 1)

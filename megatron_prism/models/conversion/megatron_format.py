@@ -9,7 +9,10 @@ Layout of a directory::
 Tensors are stored under *global* megatron names (layer indices of the whole model) in the file
 of the (TP rank, PP stage) that holds them; a replicated tensor is stored once, in the TP-rank-0
 file of its stage. ``weight_map`` lists, per name, the files of its TP shards in rank order.
-Because names are global and every split is described by :mod:`mapping`, a checkpoint written
+Names are the map's (the local layer spec's); a checkpoint whose ``weight_map`` holds Transformer
+Engine spec names (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``: manifest
+``layer_spec: te``) is read through :func:`mapping.canonical_name`, so it loads and converts the
+same. Because names are global and every split is described by :mod:`mapping`, a checkpoint written
 at one TP/PP layout loads at any other (:class:`MegatronWeights` reshards on read, one tensor at
 a time). safetensors holds tensors only: loading never unpickles.
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from megatron_prism.models.conversion.mapping import ParamMap
+from megatron_prism.models.conversion.mapping import ParamMap, canonical_name
 from megatron_prism.models.errors import CheckpointError
 
 MANIFEST = "prism_checkpoint.json"
@@ -81,7 +84,15 @@ class MegatronWeights:
         self.dir = Path(ckpt_dir)
         self.manifest = read_manifest(self.dir)
         self.tp = int(self.manifest["tp"])
-        self.weight_map: dict[str, list[str]] = self.manifest["weight_map"]
+        # keyed by the map's names; _stored_name gives the name the tensor has in its files
+        self.weight_map: dict[str, list[str]] = {}
+        self._stored_name: dict[str, str] = {}
+        for stored, files in self.manifest["weight_map"].items():
+            name = canonical_name(stored)
+            if name in self.weight_map:
+                raise CheckpointError(f"{self.dir / MANIFEST}: {stored!r} and {self._stored_name[name]!r} are the "
+                                      "same parameter under two layer specs' names; the manifest is corrupt")
+            self.weight_map[name], self._stored_name[name] = files, stored
         for file, info in self.manifest["files"].items():
             path = self.dir / file
             if not path.is_file():
@@ -115,7 +126,7 @@ class MegatronWeights:
         files = self.weight_map.get(megatron_name)
         if not files:
             raise CheckpointError(f"{self.dir}: parameter {megatron_name!r} is not in the checkpoint")
-        return [self._read(f, megatron_name) for f in files]
+        return [self._read(f, self._stored_name[megatron_name]) for f in files]
 
     def hf_tensor(self, hf_name: str) -> torch.Tensor:
         """One HF tensor, unsharded from the stored shards."""
@@ -130,5 +141,5 @@ class MegatronWeights:
         """The shard of ``m`` for a TP rank, resharding when the stored TP size differs."""
         if tp_size == self.tp and m.megatron in self.weight_map:
             files = self.weight_map[m.megatron]
-            return self._read(files[tp_rank if len(files) > 1 else 0], m.megatron)
+            return self._read(files[tp_rank if len(files) > 1 else 0], self._stored_name[m.megatron])
         return m.shard([self.hf_tensor(n) for n in m.hf], tp_rank, tp_size)

@@ -13,6 +13,7 @@ from megatron_prism.models.discriminator.model import Qwen3VLDiscriminator
 from megatron_prism.models.discriminator.spec import MOE_MODES, DiscriminatorSpec, moe_config_fields
 from megatron_prism.models.discriminator.upcycle import UpcycleSource, backbone_source
 from megatron_prism.models.errors import CheckpointError
+from megatron_prism.models.qwen3vl.build import load_by_map_names
 from megatron_prism.models.qwen3vl.config import LayoutOptions, check_layout, transformer_config
 from megatron_prism.parallel.devices import compute_device
 from megatron_prism.parallel.state import init_parallel
@@ -118,14 +119,4 @@ def _load(models, hf_config, spec, weights, tp, pp, vpp, origin) -> None:
         name = local_expert_name(where.local_name, spec.experts, ep, ep_rank) if spec.is_moe else where.local_name
         if where.pp_rank == pp_rank and name is not None:
             wanted[where.vp_stage][name] = weights.shard(m, tp_rank, tp)
-    for chunk, state in zip(models, wanted):
-        own = {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise CheckpointError(f"{origin}: weights do not fit the built discriminator (missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}); this is a bug in the discriminator map")
-        for name, tensor in state.items():
-            if tuple(own[name].shape) != tuple(tensor.shape):
-                raise CheckpointError(f"{origin}: {name} has shape {list(tensor.shape)}, the model expects "
-                                      f"{list(own[name].shape)}; the checkpoint does not match this config")
-        chunk.load_state_dict(state, strict=False)
+    load_by_map_names(models, wanted, origin, "discriminator map")

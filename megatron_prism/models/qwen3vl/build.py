@@ -7,26 +7,15 @@ from pathlib import Path
 import torch
 
 from megatron_prism.models.conversion.convert import layout_maps, open_source
-from megatron_prism.models.conversion.mapping import place
+from megatron_prism.models.conversion.mapping import canonical_name, place
 from megatron_prism.models.errors import CheckpointError
 from megatron_prism.models.qwen3vl.config import LayoutOptions, check_layout, transformer_config
 from megatron_prism.models.qwen3vl.model import Qwen3VLPolicy
-from megatron_prism.parallel import cpu_compat
+from megatron_prism.models.qwen3vl.spec import resolve_attention_backend
 from megatron_prism.parallel.devices import compute_device
 from megatron_prism.parallel.state import current_layout, init_parallel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _backend(requested: str) -> str:
-    """``auto`` is the local (torch) spec for now: the TE spec fuses the input norms into the
-    following linear layers (other parameter names), which the conversion map does not cover
-    until it is checked on a GPU. ``te`` must be asked for explicitly and needs a GPU."""
-    if requested == "auto":
-        return "local"
-    if requested == "te" and cpu_compat.on_cpu():
-        raise ValueError("backend='te' (Transformer Engine) needs a CUDA GPU; use backend='local'")
-    return requested
 
 
 def build_policy(
@@ -49,11 +38,16 @@ def build_policy(
     group and megatron's parallel state when none exists; inside torchrun it uses the launched
     ranks. Returns this rank's pipeline stage, or the list of its model chunks when ``vpp`` is
     set (megatron's interleaved schedule takes the list).
+
+    ``backend`` is ``model.attention_backend`` (auto | sdpa | te | flash | fused | unfused, see
+    ``spec.resolve_attention_backend``): it picks the layer spec and megatron's attention backend.
+    Weights load the same way under either spec (the map translates the two fused-norm names).
     """
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         dtype = _DTYPES[dtype]
+    choice = resolve_attention_backend(backend)
     hf_config, source, _ = open_source(hf_dir)
     check_layout(hf_config, tp, pp, vpp)
     # The policy has no experts, so the expert-parallel size is not its to choose: keep the one
@@ -64,7 +58,7 @@ def build_policy(
     layout = init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, seed=seed)
     options = LayoutOptions(
         tp=tp, pp=pp, vpp=vpp, sequence_parallel=sequence_parallel, dtype=dtype,
-        recompute=recompute, backend=_backend(backend),
+        recompute=recompute, backend=choice.layer_spec, attention=choice.resolved,
     )
     config = transformer_config(hf_config, options)
     chunks = vpp or 1
@@ -99,14 +93,23 @@ def _load_weights(models, hf_config, source, tp_rank, tp, pp, vpp, origin) -> No
         where = place(m, num_layers, pp, vpp)
         if where.pp_rank == pp_rank:
             wanted[where.vp_stage][where.local_name] = source.shard(m, tp_rank, tp)
+    load_by_map_names(models, wanted, origin, "conversion map")
+
+
+def load_by_map_names(models, wanted: list[dict[str, torch.Tensor]], origin, what: str) -> None:
+    """Load ``wanted[i]`` (chunk-local names of the map) into chunk ``i``, whatever layer spec built it:
+    the chunk's own names are translated to the map's (``canonical_name``); refuse anything partial
+    or misshapen. ``_extra_state`` entries (TE's FP8 metadata) are not weights and are left alone."""
     for chunk, state in zip(models, wanted):
-        own = {k: v for k, v in chunk.state_dict().items() if not k.endswith("_extra_state")}
+        current = chunk.state_dict()
+        names = {canonical_name(k): k for k in current if not k.endswith("_extra_state")}
+        own = {k: current[v] for k, v in names.items()}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise CheckpointError(
                 f"{origin}: weights do not fit the built model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}); this is a bug in the conversion map"
+                f"unexpected {unexpected[:3]}); this is a bug in the {what}"
             )
         for name, tensor in state.items():
             if tuple(own[name].shape) != tuple(tensor.shape):
@@ -114,4 +117,4 @@ def _load_weights(models, hf_config, source, tp_rank, tp, pp, vpp, origin) -> No
                     f"{origin}: {name} has shape {list(tensor.shape)}, the model expects "
                     f"{list(own[name].shape)}; the checkpoint does not match this config"
                 )
-        chunk.load_state_dict(state, strict=False)
+        chunk.load_state_dict({names[k]: v for k, v in state.items()}, strict=False)

@@ -31,7 +31,8 @@ class LayoutOptions:
     sequence_parallel: bool = False
     dtype: torch.dtype = torch.float32
     recompute: str = "none"  # none | selective | full
-    backend: str = "local"  # local | te
+    backend: str = "local"  # layer spec: local | te
+    attention: str = "sdpa"  # resolved model.attention_backend: sdpa | te | flash | fused | unfused
 
 
 def read_hf_config(hf_dir: str | Path):
@@ -109,6 +110,10 @@ def transformer_config(hf_config, layout: LayoutOptions):
         recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
     elif layout.recompute != "none":
         raise ValueError(f"recompute must be none|selective|full, got {layout.recompute!r}")
+    from megatron_prism.models.qwen3vl.spec import megatron_attn_backend
+
+    if (layout.backend == "te") != (layout.attention != "sdpa"):
+        raise ValueError(f"attention {layout.attention!r} does not run in the {layout.backend!r} layer spec")
     return TransformerConfig(
         num_layers=tc.num_hidden_layers,
         hidden_size=tc.hidden_size,
@@ -134,6 +139,7 @@ def transformer_config(hf_config, layout: LayoutOptions):
         bf16=layout.dtype == torch.bfloat16,
         fp16=layout.dtype == torch.float16,
         variable_seq_lengths=True,
+        attention_backend=megatron_attn_backend(layout.attention),
         # Our losses arrive already normalised by the *global* token/sequence counts
         # (algorithms.aggregation), so megatron must neither divide them by the number of
         # micro-batches nor average gradients over data-parallel ranks: it sums both.

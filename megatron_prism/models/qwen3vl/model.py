@@ -53,6 +53,17 @@ class Qwen3VLLanguageModel(GPTModel):
         self._emit_hidden = False
         self._head: HeadRequest | None = None
 
+    def _set_attention_backend(self) -> None:
+        """megatron (LanguageModule.__init__) exports TE's kernel switches (NVTE_FLASH_ATTN,
+        NVTE_FUSED_ATTN, NVTE_UNFUSED_ATTN) from ``config.attention_backend`` and asserts that
+        every model of the process agrees. The local spec's attention is SDPA, which reads none of
+        them: it leaves them alone, so a local-spec model (the discriminator) can share a process
+        with a TE-spec policy; the TE spec keeps megatron's behaviour."""
+        from megatron.core.transformer.enums import AttnBackend
+
+        if self.config.attention_backend != AttnBackend.local:
+            super()._set_attention_backend()
+
     def forward(self, *args, return_hidden: bool | str = False, head: HeadRequest | None = None, **kwargs):
         self._emit_hidden = return_hidden
         self._head = head
@@ -113,6 +124,66 @@ def padding_attention_mask(attention_mask: torch.Tensor | None, seq_len: int) ->
     return (~allowed).unsqueeze(1)
 
 
+def thd_packed_seq_params(cu_seqlens: torch.Tensor, seq_len: int):
+    """megatron's THD ``PackedSeqParams`` for one packed row of ``seq_len`` tokens whose samples
+    end at ``cu_seqlens`` ([n + 1], from the packing; padding after the last sample excluded).
+
+    Trailing padding becomes one more sequence of its own (it attends only to itself, as in the
+    dense mask), so that ``cu_seqlens[-1]`` is the row length: megatron 0.16.1 then applies the
+    rotary angles token by token (models/common/embeddings/rope_utils.py, _apply_rotary_pos_emb_thd
+    "CASE 1: exact mapping with offsets"), which Qwen3-VL's per-sample 3-D MRoPE positions need;
+    otherwise it would restart positions 0..n at every sample, ignoring the image rows."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens.to(torch.int32).flatten()
+    if cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) > seq_len:
+        raise ValueError(f"cu_seqlens must rise from 0 to at most the row length {seq_len}, got {cu.tolist()}")
+    if int(cu[-1]) < seq_len:
+        cu = torch.cat([cu, cu.new_tensor([seq_len])])
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """Every row of a [b, s] 1/0 mask is ones then zeros."""
+    keep = attention_mask.bool()
+    return bool((keep[:, 1:] <= keep[:, :-1]).all())
+
+
+def attention_inputs(packed_layout: str, attention_mask: torch.Tensor | None, input_shape: tuple[int, int],
+                     cu_seqlens: torch.Tensor | None = None):
+    """(megatron attention mask, PackedSeqParams) for a batch, by how the layer spec isolates samples.
+
+    ``mask`` (local spec, SDPA): the dense boolean mask of :func:`padding_attention_mask`; a packed
+    row's block-diagonal mask is used as given and ``cu_seqlens`` is not needed.
+
+    ``thd`` (Transformer Engine spec): TE's fused attention takes no arbitrary dense mask (with the
+    spec's causal mask type it ignores ``attention_mask``), so a packed row goes as THD with its
+    ``cu_seqlens`` (megatron turns the causal mask type into padding_causal for THD) and no mask; a
+    right-padded [b, s] batch needs no mask (causal attention never lets a real token see the
+    padding after it); anything else would silently leak across samples and is refused.
+    ``input_shape`` is ``input_ids``' [b, s]."""
+    batch, seq_len = input_shape
+    if packed_layout == "mask":
+        return padding_attention_mask(attention_mask, seq_len), None
+    if packed_layout != "thd":
+        raise ValueError(f"packed_layout must be 'mask' or 'thd', got {packed_layout!r}")
+    if cu_seqlens is not None:
+        if batch != 1:
+            raise ValueError(f"THD packing takes one packed row per micro-batch; got {batch} rows with cu_seqlens")
+        return None, thd_packed_seq_params(cu_seqlens, seq_len)
+    if attention_mask is None:
+        return None, None
+    if attention_mask.dim() == 4:
+        raise ValueError("Transformer Engine attention ignores a dense [b, 1, s, s] mask: pass the packing's "
+                         "cu_seqlens with it, or set model.attention_backend=sdpa")
+    if not _right_padded(attention_mask):
+        raise ValueError("Transformer Engine attention takes right-padded batches only (its causal mask cannot "
+                         "hide left padding or holes); right-pad the batch or set model.attention_backend=sdpa")
+    return None, None
+
+
 class Qwen3VLPolicy(MegatronModule):
     """The Qwen3-VL policy (and reference) model on megatron-core."""
 
@@ -141,6 +212,8 @@ class Qwen3VLPolicy(MegatronModule):
         self.image_token_id = hf_config.image_token_id
         self.video_token_id = hf_config.video_token_id
         self.spatial_merge_size = hf_config.vision_config.spatial_merge_size
+        # how samples packed into one row are kept apart (see attention_inputs)
+        self.packed_layout = "thd" if backend == "te" else "mask"
         layer = layer_spec if layer_spec is not None else qwen3vl_layer_spec(backend)
         block = TransformerBlockSubmodules(
             layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
@@ -254,11 +327,14 @@ class Qwen3VLPolicy(MegatronModule):
         return_hidden: bool | str = False,
         gather_logits: bool = True,
         head: HeadRequest | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | TokenLogProbs:
         """Logits [b, s, vocab] on the last stage (hidden [b, s, h] with ``return_hidden``, or
         ``[s(/tp), b, h]`` as this rank holds it with ``return_hidden="local"``;
         :class:`TokenLogProbs` of ``head.targets`` with ``head``, the training path, which never
-        builds the logits); on other pipeline stages, the hidden states [s, b, h] for the next."""
+        builds the logits); on other pipeline stages, the hidden states [s, b, h] for the next.
+        ``cu_seqlens`` ([n + 1]) are a packed row's sample boundaries: the TE spec attends in THD
+        with them, the local spec uses the row's dense mask instead (:func:`attention_inputs`)."""
         tp = self.config.tensor_model_parallel_size
         if self.config.sequence_parallel and input_ids.shape[1] % tp:
             raise ValueError(
@@ -266,10 +342,11 @@ class Qwen3VLPolicy(MegatronModule):
                 f"({input_ids.shape[1]}) to a multiple of {tp}"
             )
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 4:
-                raise ValueError("with a 4-D (packed) attention mask, pass the per-sample position_ids too")
+            if cu_seqlens is not None or (attention_mask is not None and attention_mask.dim() == 4):
+                raise ValueError("with a packed row (a 4-D attention mask or cu_seqlens), pass the per-sample "
+                                 "position_ids too")
             position_ids = self.position_ids(input_ids, image_grid_thw, video_grid_thw, attention_mask)
-        mask = padding_attention_mask(attention_mask, input_ids.shape[1])
+        mask, packed = attention_inputs(self.packed_layout, attention_mask, tuple(input_ids.shape), cu_seqlens)
         decoder_input = None
         extra = None
         if self.pre_process:
@@ -287,4 +364,5 @@ class Qwen3VLPolicy(MegatronModule):
             runtime_gather_output=gather_logits,
             return_hidden=return_hidden,
             head=head,
+            packed_seq_params=packed,
         )
