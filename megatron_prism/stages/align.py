@@ -62,7 +62,8 @@ def _judge(ctx: StageContext, path: Path, processor) -> DiscriminatorRuntime:
 def run_align(ctx: StageContext) -> StageResult:
     cfg, d, game, alg = ctx.cfg, ctx.cfg.discriminator, ctx.cfg.align, ctx.cfg.algorithm
     started = time.time()
-    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient)
+    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient,
+                                image_check_workers=cfg.data.image_check_workers)
     train, heldout = split_heldout(records)
     steps = ctx.stage.steps
     state = start_or_resume(ctx, train, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=2)

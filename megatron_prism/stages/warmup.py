@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 def run_warmup(ctx: StageContext) -> StageResult:
     cfg, d = ctx.cfg, ctx.cfg.discriminator
     started = time.time()
-    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient)
+    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient,
+                                image_check_workers=cfg.data.image_check_workers)
     train, heldout = split_heldout(records)
     steps = ctx.stage.steps
     policy = PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, None, total_steps=1, seed=cfg.run.seed,
