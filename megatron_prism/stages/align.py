@@ -46,7 +46,8 @@ from megatron_prism.stages.policy_update import rollout_seed, update_metrics, up
 from megatron_prism.training import preemption
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime, optimizer_config
-from megatron_prism.training.loop import StageContext, StageResult, Throughput, save, start_or_resume
+from megatron_prism.training.loop import (StageContext, StageResult, Throughput, final_figures, save,
+                                          start_or_resume)
 from megatron_prism.training.metrics import progress
 from megatron_prism.training.runtime import PolicyRuntime
 
@@ -67,6 +68,7 @@ def run_align(ctx: StageContext) -> StageResult:
     train, heldout = split_heldout(records)
     steps = ctx.stage.steps
     state = start_or_resume(ctx, train, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=2)
+    skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too
     runtime = state.runtime
     processor = input_processor(runtime.source, cfg.data)
     hf = runtime.hf_config
@@ -94,7 +96,7 @@ def run_align(ctx: StageContext) -> StageResult:
                                                      prefix="game/")
 
     bar = progress(steps, state.step, "align", every=cfg.run.log_every)
-    last: dict[str, float] = {}
+    last: dict[str, float] = dict(state.extra.get("final", {}))  # a stage resumed at its last step still reports them
     n = game.samples_per_prompt
     while state.step < steps:
         timer = Throughput()
@@ -135,15 +137,17 @@ def run_align(ctx: StageContext) -> StageResult:
         bar.step(last)
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("align", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
-        saved = state.step % ctx.stage.save_every == 0 or state.step == steps
-        if saved:
+        state.extra["final"] = final_figures(last)
+        state.extra["skips"] = skips.state_dict()
+        saved = None
+        if state.step % ctx.stage.save_every == 0 or state.step == steps:
             disc.save(disc_root, state.step, {"stage": "align"})
-            save(ctx, state)
+            saved = save(ctx, state)
         if preemption.should_stop():
-            if not saved:
+            if saved is None:
                 disc.save(disc_root, state.step, {"stage": "align"})
-                save(ctx, state)
-            raise preemption.Preempted("align", state.step)
+                saved = save(ctx, state)
+            raise preemption.Preempted("align", state.step, checkpoint=saved)
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root)
     if final is None:

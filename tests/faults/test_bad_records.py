@@ -67,7 +67,8 @@ def _deep_split(root: Path, *, missing_at: int | None, cut_at: int, rows: int = 
     lines = []
     for number in range(1, rows + 1):
         image = "cut.png" if number == cut_at else "gone.png" if number == missing_at else f"good{number % 8}.png"
-        lines.append(json.dumps({"id": f"r{number}", "images": [image], "prompt": "<image>\nColour?", "response": "blue"}))
+        lines.append(json.dumps({"id": f"r{number}", "images": [image], "prompt": "<image>\nColour?",
+                                 "response": "blue"}))
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
