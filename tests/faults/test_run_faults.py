@@ -10,16 +10,17 @@ The faulted sequence, on one run directory:
    starts it to the next stage's: building, evaluations, steps, checkpoint writes, the stage's end),
    counted from the line that starts it in the faulted run; the next run takes the lock the dead
    one left (an OS lock) and resumes;
-3. after a drawn stage's kill, SIGUSR1 (Slurm's ``--signal=USR1@...``) during that stage's last
-   step (the seam ``PRISM_PAUSE_AT`` holds the process there until the signal comes): exit 75 in
-   one line naming the checkpoint, and the rerun resumes at the last step and must still report the
-   stage's final figures and evaluations;
-4. after a drawn later (or the same) stage's kill, SIGTERM at a random moment: exit 0 (it came too
-   late to matter) or 75 in one line; then one random file of the stopped stage's newest checkpoint
-   is garbled in place (same size) when it has an earlier one, and the rerun passes over it in
-   one line;
+3. before one drawn stage's kill, SIGTERM (Slurm's preemption) at a random moment of that stage:
+   exit 75 in one line after the step in progress is saved (or 0: it came too late to matter);
+   then one random file of the stopped stage's newest checkpoint is garbled in place (same size)
+   when it has an earlier one, and a rerun must pass over it in one line;
+4. after a drawn stage's kill, SIGUSR1 (Slurm's ``--signal=USR1@...``) during the last step of the
+   first stage that has one to take (the seam ``PRISM_PAUSE_AT`` holds the process there until the
+   signal comes): exit 75 in one line naming the checkpoint of that step, and the rerun resumes at
+   the last step and must still report the stage's final figures and evaluations;
 5. the last rerun finishes. Every figure of report.json and the final weights (every stage's latest
-   checkpoint, policy and discriminator) must equal the uninterrupted run's bit for bit.
+   checkpoint, policy and discriminator, and the trainer state beside them) must equal the
+   uninterrupted run's bit for bit.
 
 Random draws come from ``PRISM_FAULT_SEED`` (default: random), printed so that a failure can be
 replayed (the moments replay; where they land depends on the machine's speed, which is printed).
@@ -175,16 +176,23 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
     usr1_stage, term_stage = rng.choice(STAGES), rng.choice(STAGES)
     term_at, garble_pick, garble_where, garble_bytes = rng.random(), rng.random(), rng.random(), rng.randbytes(64)
     print(f"kill fractions {({s: round(f, 3) for s, f in kill_at.items()})}; SIGUSR1 at the last step after "
-          f"{usr1_stage}'s kill; SIGTERM at {term_at:.3f} of the way to {term_stage}'s kill")
+          f"{usr1_stage}'s kill; SIGTERM at {term_at:.3f} of {term_stage}, before its kill")
     run_dir, done, passed_over = tmp_path / "run", [], None
     attempt = iter(range(100))
 
     def log_path(what: str) -> Path:
         return tmp_path / f"{next(attempt):02d}-{what}.log"
 
+    # The task and the tiny model the uninterrupted run generated (the same bytes this run would
+    # generate: they are seeded), so that the faulted runs spend their time on the stages.
+    inputs = [f"data.root={ref_dir / 'data'}", f"model.hf_dir={ref_dir / 'tiny_model'}"]
+
+    def start(log: Path, **env: str) -> subprocess.Popen:
+        return _start(run_dir, log, *inputs, **env)
+
     # 1. Two runs on one directory at once: one refuses in one line naming the holder.
     logs = [log_path(f"first{i}") for i in range(2)]
-    runs = [_start(run_dir, log) for log in logs]
+    runs = [start(log) for log in logs]
     deadline = time.monotonic() + 240
     while all(r.poll() is None for r in runs):
         assert time.monotonic() < deadline, "neither run refused"
@@ -198,32 +206,21 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
 
     for stage in STAGES:
         later = STAGES[STAGES.index(stage):]
-        if proc is None:
-            log = log_path(f"kill-{stage}")
-            proc = _start(run_dir, log)
-        if stage != term_stage:
-            # 2. SIGKILL at a random moment of this stage (or of the first later one this run reaches).
-            _, what = _signal_in_stage(proc, log, later, kill_at[stage], spans, signal.SIGKILL)
-        else:
-            # 4. SIGTERM (Slurm's preemption) at a random moment before this stage's SIGKILL, which
-            #    then comes as Slurm's KillWait would, cut short: the run has either finished its
-            #    step, saved and left with 75, or dies on the way (a kill inside the preemption save).
-            reached, what = _signal_in_stage(proc, log, later, term_at * kill_at[stage], spans, signal.SIGTERM)
-            if reached is not None:
-                delay = (1 - term_at) * kill_at[stage] * spans[reached]
-                time.sleep(delay)
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    what += f", SIGKILL {delay:.2f} s later"
-        rc = proc.wait(timeout=120)
-        done.append(f"{'SIGTERM' if stage == term_stage else 'SIGKILL'} {what} -> rc {rc}")
-        assert rc in (0, -signal.SIGKILL, *((75,) if stage == term_stage else ())), log.read_text()[-3000:]
-        proc = None
-        if rc == 0:
-            break
-        if rc == 75:
-            # A garbled newest checkpoint (one random file, same size) of the stage the SIGTERM
-            # stopped, when it has an earlier one to fall back to.
+        if stage == term_stage:
+            # 3. SIGTERM (Slurm's preemption) at a random moment of the stage: 75 in one line after
+            #    the step in progress is saved (0 when it came too late to matter).
+            if proc is None:
+                log = log_path(f"term-{stage}")
+                proc = start(log)
+            _, what = _signal_in_stage(proc, log, later, term_at, spans, signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+            done.append(f"SIGTERM {what} -> rc {rc}")
+            assert rc in (0, 75), log.read_text()[-3000:]
+            proc = None
+            if rc == 0:
+                break
+            # A garbled newest checkpoint (one random file, same size) of the stage it stopped,
+            # when that has an earlier one to fall back to.
             stopped, _, newest = _one_preempted_line(log.read_text())
             if stopped in POLICY_STAGES and len(list(newest.parent.glob("step_*"))) > 1:
                 files = sorted(json.loads((newest / "COMPLETE.json").read_text())["files"])
@@ -236,16 +233,28 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
                 passed_over = (newest.name, len(list(tmp_path.glob("*.log"))))
                 done.append(f"garbled {victim.relative_to(run_dir)} at byte {at}")
 
+        # 2. SIGKILL at a random moment of this stage (or of the first later one this run reaches).
+        if proc is None:
+            log = log_path(f"kill-{stage}")
+            proc = start(log)
+        _, what = _signal_in_stage(proc, log, later, kill_at[stage], spans, signal.SIGKILL)
+        rc = proc.wait(timeout=120)
+        done.append(f"SIGKILL {what} -> rc {rc}")
+        assert rc in (0, -signal.SIGKILL), log.read_text()[-3000:]
+        proc = None
+        if rc == 0:
+            break
+
         if stage == usr1_stage:
-            # 3. SIGUSR1 during the last step of the first stage that still has one to take.
+            # 4. SIGUSR1 during the last step of the first stage that still has one to take.
             todo = [s for s in _unfinished(run_dir, later) if _resume_step(run_dir, s) < STEPS[s]]
             if todo:
                 target = todo[0]
                 hits, marker = STEPS[target] - _resume_step(run_dir, target), tmp_path / "paused"
                 marker.unlink(missing_ok=True)
                 log = log_path(f"usr1-{target}")
-                proc = _start(run_dir, log, PRISM_PAUSE_AT=f"{STEP_POINT[target]}@{hits}",
-                              PRISM_PAUSE_MARKER=str(marker), PRISM_PAUSE_SECONDS="120")
+                proc = start(log, PRISM_PAUSE_AT=f"{STEP_POINT[target]}@{hits}",
+                             PRISM_PAUSE_MARKER=str(marker), PRISM_PAUSE_SECONDS="120")
                 deadline = time.monotonic() + 240
                 while not marker.exists():
                     assert proc.poll() is None, f"rc {proc.returncode} before the pause:\n{log.read_text()[-3000:]}"
@@ -260,7 +269,7 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
                 proc = None
 
     # 5. The last rerun finishes, whatever state the faults left.
-    last = subprocess.run(prism_argv(run_dir, *PIPELINE), cwd=ROOT, env=prism_env(), capture_output=True,
+    last = subprocess.run(prism_argv(run_dir, *PIPELINE, *inputs), cwd=ROOT, env=prism_env(), capture_output=True,
                           text=True, timeout=300)
     print("\n".join(done))
     assert last.returncode == 0, last.stdout[-2000:] + last.stderr[-3000:]
