@@ -10,14 +10,16 @@ The faulted sequence, on one run directory:
    starts it to the next stage's: building, evaluations, steps, checkpoint writes, the stage's end),
    counted from the line that starts it in the faulted run; the next run takes the lock the dead
    one left (an OS lock) and resumes;
-3. before one drawn stage's kill, SIGTERM (Slurm's preemption) at a random moment of that stage:
-   exit 75 in one line after the step in progress is saved (or 0: it came too late to matter);
-   then one random file of the stopped stage's newest checkpoint is garbled in place (same size)
-   when it has an earlier one, and a rerun must pass over it in one line;
-4. after a drawn stage's kill, SIGUSR1 (Slurm's ``--signal=USR1@...``) during the last step of the
-   first stage that has one to take (the seam ``PRISM_PAUSE_AT`` holds the process there until the
-   signal comes): exit 75 in one line naming the checkpoint of that step, and the rerun resumes at
-   the last step and must still report the stage's final figures and evaluations;
+3. in one drawn stage, SIGTERM (Slurm's preemption) comes first, at a random moment, and the
+   stage's SIGKILL a random part of its span later (Slurm's KillWait, cut short) unless the run
+   has saved and said it stopped by then: exit 75 in one line, or a kill inside the preemption's
+   step or save. After a 75, one random file of the stopped stage's newest checkpoint is garbled
+   in place (same size) when it has an earlier one, and a rerun must pass over it in one line;
+4. after the kill of a drawn stage (not the last), SIGUSR1 (Slurm's ``--signal=USR1@...``)
+   during the last step of the first stage that has one to take (the seam ``PRISM_PAUSE_AT`` holds
+   the process there until the signal comes): exit 75 in one line naming the checkpoint of that
+   step, and the rerun resumes at the last step and must still report the stage's final figures
+   and evaluations;
 5. the last rerun finishes. Every figure of report.json and the final weights (every stage's latest
    checkpoint, policy and discriminator, and the trainer state beside them) must equal the
    uninterrupted run's bit for bit.
@@ -144,6 +146,11 @@ def _signal_in_stage(proc: subprocess.Popen, log: Path, stages, fraction: float,
     return started[0], f"{started[0]} + {delay:.2f} s, after {lines[-1][:90] if lines else 'no output'!r}"
 
 
+def _said_stopped(log: Path) -> bool:
+    """The run saved its step and printed its preemption line (it is on its way out with 75)."""
+    return "prism: preempted:" in log.read_text(errors="replace")
+
+
 def _one_preempted_line(log_text: str) -> tuple[str, int, Path]:
     lines = PREEMPTED.findall(log_text)
     assert len(lines) == 1 and "Traceback" not in log_text, log_text[-3000:]
@@ -173,10 +180,11 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
     rng = random.Random(_seed())
     # Every draw up front, in a fixed order, so that a seed replays the same moments.
     kill_at = {s: rng.random() for s in STAGES}
-    usr1_stage, term_stage = rng.choice(STAGES), rng.choice(STAGES)
+    # SIGUSR1 after the kill of SFT, WARMUP or ALIGN: a later stage always has a last step to take
+    usr1_stage, term_stage = rng.choice(STAGES[:-1]), rng.choice(STAGES)
     term_at, garble_pick, garble_where, garble_bytes = rng.random(), rng.random(), rng.random(), rng.randbytes(64)
     print(f"kill fractions {({s: round(f, 3) for s, f in kill_at.items()})}; SIGUSR1 at the last step after "
-          f"{usr1_stage}'s kill; SIGTERM at {term_at:.3f} of {term_stage}, before its kill")
+          f"{usr1_stage}'s kill; SIGTERM at {term_at:.3f} of {term_stage}, its kill after that")
     run_dir, done, passed_over = tmp_path / "run", [], None
     attempt = iter(range(100))
 
@@ -206,21 +214,35 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
 
     for stage in STAGES:
         later = STAGES[STAGES.index(stage):]
-        if stage == term_stage:
-            # 3. SIGTERM (Slurm's preemption) at a random moment of the stage: 75 in one line after
-            #    the step in progress is saved (0 when it came too late to matter).
-            if proc is None:
-                log = log_path(f"term-{stage}")
-                proc = start(log)
-            _, what = _signal_in_stage(proc, log, later, term_at, spans, signal.SIGTERM)
-            rc = proc.wait(timeout=120)
-            done.append(f"SIGTERM {what} -> rc {rc}")
-            assert rc in (0, 75), log.read_text()[-3000:]
-            proc = None
-            if rc == 0:
-                break
-            # A garbled newest checkpoint (one random file, same size) of the stage it stopped,
-            # when that has an earlier one to fall back to.
+        if proc is None:
+            log = log_path(f"run-{stage}")
+            proc = start(log)
+        if stage != term_stage:
+            # 2. SIGKILL at a random moment of this stage (or of the first later one this run reaches).
+            _, what = _signal_in_stage(proc, log, later, kill_at[stage], spans, signal.SIGKILL)
+        else:
+            # 3. SIGTERM (Slurm's preemption) at a random moment, and this stage's SIGKILL a random
+            #    part of its span after it (Slurm's KillWait, cut short) unless the run has saved
+            #    and said it stopped by then: 75 in one line, or a kill inside the preemption's
+            #    step or save (or 0: the SIGTERM came too late to matter).
+            reached, what = _signal_in_stage(proc, log, later, term_at, spans, signal.SIGTERM)
+            if reached is not None:
+                delay = kill_at[stage] * spans[reached]
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and proc.poll() is None and not _said_stopped(log):
+                    time.sleep(0.05)
+                if proc.poll() is None and not _said_stopped(log):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    what += f", SIGKILL {delay:.2f} s later"
+        rc = proc.wait(timeout=120)
+        done.append(f"{'SIGTERM' if stage == term_stage else 'SIGKILL'} {what} -> rc {rc}")
+        assert rc in (0, -signal.SIGKILL, *((75,) if stage == term_stage else ())), log.read_text()[-3000:]
+        proc = None
+        if rc == 0:
+            break
+        if rc == 75:
+            # A garbled newest checkpoint (one random file, same size) of the stage the SIGTERM
+            # stopped, when it has an earlier one to fall back to.
             stopped, _, newest = _one_preempted_line(log.read_text())
             if stopped in POLICY_STAGES and len(list(newest.parent.glob("step_*"))) > 1:
                 files = sorted(json.loads((newest / "COMPLETE.json").read_text())["files"])
@@ -232,18 +254,6 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
                 victim.write_bytes(bytes(data))
                 passed_over = (newest.name, len(list(tmp_path.glob("*.log"))))
                 done.append(f"garbled {victim.relative_to(run_dir)} at byte {at}")
-
-        # 2. SIGKILL at a random moment of this stage (or of the first later one this run reaches).
-        if proc is None:
-            log = log_path(f"kill-{stage}")
-            proc = start(log)
-        _, what = _signal_in_stage(proc, log, later, kill_at[stage], spans, signal.SIGKILL)
-        rc = proc.wait(timeout=120)
-        done.append(f"SIGKILL {what} -> rc {rc}")
-        assert rc in (0, -signal.SIGKILL), log.read_text()[-3000:]
-        proc = None
-        if rc == 0:
-            break
 
         if stage == usr1_stage:
             # 4. SIGUSR1 during the last step of the first stage that still has one to take.
