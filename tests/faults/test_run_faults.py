@@ -185,11 +185,14 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
     term_at, garble_pick, garble_where, garble_bytes = rng.random(), rng.random(), rng.random(), rng.randbytes(64)
     print(f"kill fractions {({s: round(f, 3) for s, f in kill_at.items()})}; SIGUSR1 at the last step after "
           f"{usr1_stage}'s kill; SIGTERM at {term_at:.3f} of {term_stage}, its kill after that")
-    run_dir, done, passed_over = tmp_path / "run", [], None
+    run_dir, passed_over = tmp_path / "run", None
     attempt = iter(range(100))
 
     def log_path(what: str) -> Path:
         return tmp_path / f"{next(attempt):02d}-{what}.log"
+
+    def note(event: str) -> None:  # printed as it happens: a failure's output shows the faults before it
+        print(event, flush=True)
 
     # The task and the tiny model the uninterrupted run generated (the same bytes this run would
     # generate: they are seeded), so that the faulted runs spend their time on the stages.
@@ -235,7 +238,7 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
                     os.killpg(proc.pid, signal.SIGKILL)
                     what += f", SIGKILL {delay:.2f} s later"
         rc = proc.wait(timeout=120)
-        done.append(f"{'SIGTERM' if stage == term_stage else 'SIGKILL'} {what} -> rc {rc}")
+        note(f"{'SIGTERM' if stage == term_stage else 'SIGKILL'} {what} -> rc {rc}")
         assert rc in (0, -signal.SIGKILL, *((75,) if stage == term_stage else ())), log.read_text()[-3000:]
         proc = None
         if rc == 0:
@@ -253,7 +256,7 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
                 data[at:at + n] = bytes(b ^ 0xFF if b == o else b for b, o in zip(garble_bytes[:n], data[at:at + n]))
                 victim.write_bytes(bytes(data))
                 passed_over = (newest.name, len(list(tmp_path.glob("*.log"))))
-                done.append(f"garbled {victim.relative_to(run_dir)} at byte {at}")
+                note(f"garbled {victim.relative_to(run_dir)} at byte {at}")
 
         if stage == usr1_stage:
             # 4. SIGUSR1 during the last step of the first stage that still has one to take.
@@ -275,13 +278,12 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
                 assert rc == 75, log.read_text()[-3000:]
                 got = _one_preempted_line(log.read_text())
                 assert got[:2] == (target, STEPS[target]), got
-                done.append(f"SIGUSR1 at {target}'s last step -> rc 75, {got[2].name}")
+                note(f"SIGUSR1 at {target}'s last step -> rc 75, {got[2].name}")
                 proc = None
 
     # 5. The last rerun finishes, whatever state the faults left.
     last = subprocess.run(prism_argv(run_dir, *PIPELINE, *inputs), cwd=ROOT, env=prism_env(), capture_output=True,
                           text=True, timeout=300)
-    print("\n".join(done))
     assert last.returncode == 0, last.stdout[-2000:] + last.stderr[-3000:]
     if passed_over:  # said by the first run after the garble that got as far as the stage's resume
         name, before = passed_over
