@@ -74,3 +74,35 @@ def format_duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class CountProgress:
+    """Progress of a counted job that is not a training loop (checking a split's images): on a
+    terminal one line rewritten in place, elsewhere (a Slurm log) ``[prism] LABEL: n/N UNIT`` at
+    each tenth and at the end, so a long check shows it is alive without flooding the log. Only
+    the process of rank 0 (torchrun's ``RANK``) prints: every rank does the same work."""
+
+    def __init__(self, label: str, total: int, *, unit: str = "items", stream=None, tty: bool | None = None,
+                 enabled: bool | None = None) -> None:
+        self.label, self.total, self.unit, self.done = label, total, unit, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = _isatty(self.stream) if tty is None else tty
+        self.enabled = os.environ.get("RANK", "0") == "0" if enabled is None else enabled
+        self._every = max(total // 10, 1)
+
+    def line(self) -> str:
+        return f"[prism] {self.label}: {self.done}/{self.total} {self.unit}"
+
+    def update(self, n: int = 1) -> None:
+        before, self.done = self.done, self.done + n
+        if not self.enabled:
+            return
+        if self.tty:
+            print("\r" + self.line(), end="\n" if self.done >= self.total else "", file=self.stream, flush=True)
+        elif self.done >= self.total or self.done // self._every > before // self._every:
+            print(self.line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Ends an unfinished line on a terminal (the job stopped early, e.g. on an error)."""
+        if self.enabled and self.tty and 0 < self.done < self.total:
+            print(file=self.stream, flush=True)

@@ -85,8 +85,16 @@ def prepare_model(cfg: PrismConfig, run_dir: Path, data_root: Path) -> Path:
     from megatron_prism.models.qwen3vl.tiny import save_tiny_for_tokenizer
 
     path = run_dir / "tiny_model"
-    if _rank0() and not (path / "model.safetensors").is_file():
-        save_tiny_for_tokenizer(path, data_root / "tokenizer", seed=cfg.run.seed)
+    if _rank0() and not path.is_dir():
+        import shutil
+
+        # Built aside and renamed into place: a run killed half-way through writing it (weights
+        # without tokenizer files, a cut model.safetensors) leaves only the temporary directory,
+        # which the rerun replaces.
+        tmp = run_dir / "tiny_model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_tiny_for_tokenizer(tmp, data_root / "tokenizer", seed=cfg.run.seed)
+        tmp.rename(path)
     _barrier()
     return path
 

@@ -74,13 +74,16 @@ class DataConfig:
     ``<run.output_dir>/data`` with ``synth_*`` settings. ``lenient`` skips malformed records with a
     counted warning instead of stopping the run. ``min_pixels``/``max_pixels`` bound the resized
     image; ``null`` takes the model directory's ``preprocessor_config.json`` (else Qwen3-VL's released
-    defaults, 65536 and 16777216).
+    defaults, 65536 and 16777216). With ``lenient: false`` every image of a split is decoded when a
+    stage opens it, on ``image_check_workers`` threads, so a bad one stops the run before its model
+    is built.
     """
 
     root: str | None = None
     max_seq_len: int = 2048
     seed: int = 1234
     lenient: bool = True
+    image_check_workers: int = 2
     min_pixels: int | None = None
     max_pixels: int | None = None
     synth_sizes: str = "sft=2000,align=500,rl=1000,eval=200"

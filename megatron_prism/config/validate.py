@@ -201,6 +201,7 @@ def _ranges(c: _Check) -> None:
                               "model.dtype=bfloat16 (fp32 main grads, the GPU default 'auto') or float32")
     c.at_least("data.max_seq_len", 1, "the sequence length")
     c.at_least("data.min_pixels", 1, "the smallest image size in pixels")
+    c.at_least("data.image_check_workers", 1, "the threads that decode a split's images in strict mode")
     c.at_least("data.seed", 0, "a seed")
     c.at_least("data.max_pixels", 1, "the largest image size in pixels")
     if None not in (cfg.data.min_pixels, cfg.data.max_pixels) and cfg.data.max_pixels < cfg.data.min_pixels:

@@ -140,7 +140,7 @@ def load_image(ref: ImageRef, where: str) -> Image.Image:
             img.load()
             return img.convert("RGB")
     except FileNotFoundError:
-        raise RecordError(f"{where}: image {ref.describe()} does not exist") from None
+        raise RecordError(f"{where}: image {ref.describe()} does not exist; restore it or drop the record") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise RecordError(f"{where}: image {ref.describe()} cannot be decoded ({exc}); replace or drop it") from None
 

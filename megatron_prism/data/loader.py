@@ -12,12 +12,14 @@ the data order.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
 
+from megatron_prism.data.errors import RecordError
 from megatron_prism.data.records import DATA_SUFFIXES, Record, SkipCounter, SplitKind, read_records
 
 T = TypeVar("T")
@@ -96,30 +98,72 @@ class ShardedLoader(Generic[T]):
         self._order = self._permutation(self.epoch)
 
 
-def check_images(records: Sequence[Record], *, workers: int | None = None, label: str = "") -> None:
-    """Strict mode: decode every image of a split when it is opened (threads; a progress line per
-    tenth), so a bad image stops the run now, naming its record, not when its batch comes up."""
-    import logging
-    import os
-    from concurrent.futures import ThreadPoolExecutor
+# Splits whose images this process has already decoded (strict mode), keyed by their record files'
+# paths, sizes and mtimes: the held-out split is opened again at every evaluation of every stage,
+# and decoding it each time would repeat the same work.
+_checked_splits: set[tuple] = set()
 
+DEFAULT_IMAGE_CHECK_WORKERS = 2  # data.image_check_workers: decoding is I/O + zlib, which release the GIL
+
+
+def check_images(records: Sequence[Record], *, workers: int = DEFAULT_IMAGE_CHECK_WORKERS, label: str = "") -> None:
+    """Strict mode: decode every image of a split when it is opened, on ``workers`` threads with a
+    progress line (``console.CountProgress``), so that a missing, truncated or corrupt image stops
+    the run now, before a model is built, not when its batch comes up days later.
+
+    Raises :class:`RecordError` for the first bad image in record order: one line naming the
+    record (``file:line``), the image and the fix. Images are decoded (``images.load_image``:
+    ``PIL.Image.load`` of every pixel, the decode training does), not only ``verify()``-ed, which
+    misses a PNG cut short after its header."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from megatron_prism.console import CountProgress
     from megatron_prism.data.images import load_image
 
-    log = logging.getLogger(__name__)
-    jobs = [(img, rec.origin or rec.id) for rec in records for img in rec.images]
+    jobs = [(ref, rec.origin or rec.id) for rec in records for ref in rec.images]
     if not jobs:
         return
-    every = max(len(jobs) // 10, 1)
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        # map keeps the order: the first bad image in file order is the one reported
-        for done, _ in enumerate(pool.map(lambda job: load_image(*job), jobs), start=1):
-            if done % every == 0 or done == len(jobs):
-                log.info("%s: checked %d/%d images", label or "split", done, len(jobs))
+    if workers < 1:
+        raise ValueError(f"image check workers must be at least 1, got {workers}")
+    bar = CountProgress(f"{label or 'split'}: images decoded", len(jobs), unit="images")
+    todo = iter(jobs)
+    pending: deque[Future] = deque()  # a bounded window: a split of millions of images queues a few futures
+
+    def submit_next() -> None:
+        job = next(todo, None)
+        if job is not None:  # the decoded image is dropped at once: only whether it decodes matters
+            pending.append(pool.submit(lambda ref=job[0], where=job[1]: load_image(ref, where).size))
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prism-image-check") as pool:
+        try:
+            for _ in range(8 * workers):
+                submit_next()
+            while pending:
+                pending.popleft().result()  # in order: the first bad image in file order is the one reported
+                bar.update()
+                submit_next()
+        except RecordError as err:
+            for fut in pending:
+                fut.cancel()
+            raise RecordError(f"{err} (data.lenient=false checks every image when a split opens; "
+                              "data.lenient=true skips and counts such records instead)") from None
+        finally:
+            bar.close()
 
 
-def load_split(path: str | Path, kind: SplitKind, *, strict: bool = False) -> tuple[list[Record], SkipCounter]:
+def _split_key(files: Sequence[Path], kind: str) -> tuple:
+    return (kind, *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+def load_split(path: str | Path, kind: SplitKind, *, strict: bool = False,
+               image_check_workers: int = DEFAULT_IMAGE_CHECK_WORKERS) -> tuple[list[Record], SkipCounter]:
     """All records of a data file (or of every .jsonl/.json/.parquet file of a directory, sorted).
-    With ``strict`` every image is decoded up front too (:func:`check_images`)."""
+
+    ``strict`` (``data.lenient: false``): the first bad record is a :class:`RecordError`, and every
+    image is decoded now (:func:`check_images`, on ``image_check_workers`` threads; once per split
+    and process). Otherwise bad records are skipped and counted in the returned
+    :class:`SkipCounter`, and a record whose image cannot be decoded is skipped (and counted once)
+    when its batch is built."""
     path = Path(path)
     files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES) if path.is_dir() else [path]
     if not files:
@@ -127,5 +171,8 @@ def load_split(path: str | Path, kind: SplitKind, *, strict: bool = False) -> tu
     skips = SkipCounter()
     records = [r for f in files for r in read_records(f, kind, strict=strict, skips=skips)]
     if strict:
-        check_images(records, label=str(path))
+        key = _split_key(files, kind)
+        if key not in _checked_splits:
+            check_images(records, workers=image_check_workers, label=str(path))
+            _checked_splits.add(key)
     return records, skips

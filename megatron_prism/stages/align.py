@@ -46,7 +46,8 @@ from megatron_prism.stages.policy_update import rollout_seed, update_metrics, up
 from megatron_prism.training import preemption
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime, optimizer_config
-from megatron_prism.training.loop import StageContext, StageResult, Throughput, healthy, save, start_or_resume
+from megatron_prism.training.loop import (StageContext, StageResult, Throughput, final_figures, healthy, save,
+                                          start_or_resume)
 from megatron_prism.training.metrics import progress
 from megatron_prism.training.optimizer import TrainingDiverged
 from megatron_prism.training.runtime import PolicyRuntime
@@ -63,13 +64,15 @@ def _judge(ctx: StageContext, path: Path, processor) -> DiscriminatorRuntime:
 def run_align(ctx: StageContext) -> StageResult:
     cfg, d, game, alg = ctx.cfg, ctx.cfg.discriminator, ctx.cfg.align, ctx.cfg.algorithm
     started = time.time()
-    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient)
+    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient,
+                                image_check_workers=cfg.data.image_check_workers)
     train, heldout = split_heldout(records)
     steps = ctx.stage.steps
     disc_root = ctx.out_dir / "disc_checkpoints"
     # resume from the newest step whose policy and discriminator checkpoints both verify
     state = start_or_resume(ctx, train, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=2,
                             companion=disc_root)
+    skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too
     runtime = state.runtime
     processor = input_processor(runtime.source, cfg.data)
     hf = runtime.hf_config
@@ -96,7 +99,7 @@ def run_align(ctx: StageContext) -> StageResult:
                                                      prefix="game/")
 
     bar = progress(steps, state.step, "align", every=cfg.run.log_every)
-    last: dict[str, float] = {}
+    last: dict[str, float] = dict(state.extra.get("final", {}))  # a stage resumed at its last step still reports them
     n = game.samples_per_prompt
     while state.step < steps:
         timer = Throughput()
@@ -137,13 +140,15 @@ def run_align(ctx: StageContext) -> StageResult:
         bar.step(last)
         if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
             ctx.metrics.log("align", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
-        saved = state.step % ctx.stage.save_every == 0 or state.step == steps
-        if saved:
-            saved = _save_game(ctx, state, disc, disc_root) is not None
+        state.extra["final"] = final_figures(last)
+        state.extra["skips"] = skips.state_dict()
+        saved = None
+        if state.step % ctx.stage.save_every == 0 or state.step == steps:
+            saved = _save_game(ctx, state, disc, disc_root)
         if preemption.should_stop():
-            if not saved:
-                _save_game(ctx, state, disc, disc_root)
-            raise preemption.Preempted("align", state.step, latest_checkpoint(ctx.checkpoint_root))
+            if saved is None:
+                saved = _save_game(ctx, state, disc, disc_root)
+            raise preemption.Preempted("align", state.step, checkpoint=saved or latest_checkpoint(ctx.checkpoint_root))
     bar.close()
     final = latest_checkpoint(ctx.checkpoint_root) or _save_game(ctx, state, disc, disc_root)
     if final is None:

@@ -36,7 +36,8 @@ def load_eval_sets(cfg: PrismConfig, benchmarks: Sequence[BenchmarkSpec], split:
         key = spec.name if spec.split is None else f"{spec.name}:{spec.split}"
         sets[key] = spec.load(strict=not cfg.data.lenient, image_root=image_root)
     if split is not None:
-        records, _ = load_split(split, "eval", strict=not cfg.data.lenient)
+        records, _ = load_split(split, "eval", strict=not cfg.data.lenient,
+                                image_check_workers=cfg.data.image_check_workers)
         sets["heldout"] = records
     return sets
 

@@ -92,7 +92,8 @@ def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, clien
     over all samples, pass@n the fraction of items with at least one right sample."""
     ro = ctx.cfg.rollout
     records, skips = load_split(ctx.split_path("eval") if ctx.stage.name == "eval" else ctx.data_root / "eval",
-                                "eval", strict=not ctx.cfg.data.lenient)
+                                "eval", strict=not ctx.cfg.data.lenient,
+                                image_check_workers=ctx.cfg.data.image_check_workers)
     records = records[:max_items]
     own_client = client is None
     client = client or make_client(ctx, runtime)

@@ -83,7 +83,8 @@ def run_rlvr(ctx: StageContext) -> StageResult:
 
     cfg, alg, ro = ctx.cfg, ctx.cfg.algorithm, ctx.cfg.rollout
     started = time.time()
-    records, skips = load_split(ctx.split_path("rl"), "rl", strict=not cfg.data.lenient)
+    records, skips = load_split(ctx.split_path("rl"), "rl", strict=not cfg.data.lenient,
+                                image_check_workers=cfg.data.image_check_workers)
     steps = ctx.stage.steps
     state = start_or_resume(ctx, records, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=1)
     skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too

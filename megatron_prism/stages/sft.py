@@ -54,7 +54,8 @@ def _global_tokens(micro_batches: list[MicroBatch]) -> float:
 def run_sft(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     started = time.time()
-    records, skips = load_split(ctx.split_path("sft"), "sft", strict=not cfg.data.lenient)
+    records, skips = load_split(ctx.split_path("sft"), "sft", strict=not cfg.data.lenient,
+                                image_check_workers=cfg.data.image_check_workers)
     steps = ctx.stage.steps
     state = start_or_resume(ctx, records, total_steps=steps)
     skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too

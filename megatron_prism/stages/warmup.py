@@ -31,7 +31,7 @@ from megatron_prism.training import preemption
 from megatron_prism.training.checkpoint import choose_resume, latest_checkpoint
 from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime, optimizer_config
 from megatron_prism.training.faults import pause_point
-from megatron_prism.training.loop import StageContext, StageResult, Throughput
+from megatron_prism.training.loop import StageContext, StageResult, Throughput, final_figures
 from megatron_prism.training.metrics import progress
 from megatron_prism.training.optimizer import TrainingDiverged
 from megatron_prism.training.runtime import PolicyRuntime
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 def run_warmup(ctx: StageContext) -> StageResult:
     cfg, d = ctx.cfg, ctx.cfg.discriminator
     started = time.time()
-    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient)
+    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient,
+                                image_check_workers=cfg.data.image_check_workers)
     train, heldout = split_heldout(records)
     steps = ctx.stage.steps
     policy = PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, None, total_steps=1, seed=cfg.run.seed,
@@ -61,6 +62,7 @@ def run_warmup(ctx: StageContext) -> StageResult:
         loader.load_state_dict(trainer["loader"])
         step, extra = int(trainer["step"]), trainer.get("extra", {})
         log.info("warmup: resumed from %s (step %d)", latest, step)
+        skips.load_state_dict(extra.get("skips"))  # counted once, across a resume too
     client = make_client(ctx, policy)
     client.sync(policy)  # the policy is frozen: one sync for the whole stage
     before = extra.get("heldout_before")
@@ -78,7 +80,7 @@ def run_warmup(ctx: StageContext) -> StageResult:
         return disc.save(ctx.checkpoint_root, step, {"stage": "warmup", "loader": loader.state_dict(), "extra": extra})
 
     bar = progress(steps, step, "warmup", every=cfg.run.log_every)
-    last: dict[str, float] = {}
+    last: dict[str, float] = dict(extra.get("final", {}))  # a stage resumed at its last step still reports them
     while step < steps:
         timer = Throughput()
         batch = loader.next_batch()
@@ -98,6 +100,8 @@ def run_warmup(ctx: StageContext) -> StageResult:
                 **disc.load_balance(), **timer.scalars(tokens)}
         ctx.metrics.log("warmup", step, last)
         bar.step(last)
+        extra["final"] = final_figures(last)
+        extra["skips"] = skips.state_dict()
         saved = step % ctx.stage.save_every == 0 or step == steps
         if saved:
             saved = checkpoint() is not None

@@ -4,7 +4,8 @@
 point: ``PRISM_PAUSE_AT=name`` pauses at its first hit, ``PRISM_PAUSE_AT=name@k`` at its k-th hit
 (counted in this process). There it writes the marker file ``PRISM_PAUSE_MARKER`` (if set) and
 sleeps up to ``PRISM_PAUSE_SECONDS`` (default 60) so that a test can SIGKILL the process at exactly
-that point; if nobody does, it carries on. Points used by the stages:
+that point; if nobody does, it carries on, at once when a stop was requested meanwhile (a test that
+sends SIGUSR1/SIGTERM at the point need not wait out the pause). Points used by the stages:
 
     sft.step          SFT, after an optimizer step, before the step is counted and saved
     rlvr.rollout      RLVR, after the engine returned a round of rollouts
@@ -38,6 +39,8 @@ def pause_point(name: str) -> None:
     marker = os.environ.get("PRISM_PAUSE_MARKER")
     if marker:
         Path(marker).write_text(f"{name} hit {_hits[name]} pid {os.getpid()}\n")
+    from megatron_prism.training import preemption
+
     deadline = time.monotonic() + float(os.environ.get("PRISM_PAUSE_SECONDS", "60"))
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not preemption.requested():
         time.sleep(0.05)

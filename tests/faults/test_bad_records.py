@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from megatron_prism.data.errors import RecordError
-from megatron_prism.data.loader import load_split
+from megatron_prism.data.images import load_image
+from megatron_prism.data.loader import ShardedLoader, load_split
 from megatron_prism.data.records import SkipCounter, reason_of
 
 
@@ -52,3 +53,67 @@ def test_strict_mode_checks_every_image_when_the_split_opens(tmp_path):
     (root / "train.jsonl").write_text("\n".join([lines[0], lines[2]]) + "\n")  # no missing file: only the corrupt PNG
     with pytest.raises(RecordError, match=r"train.jsonl:2: image .*corrupt.png cannot be decoded"):
         load_split(root, "sft", strict=True)
+
+
+def _deep_split(root: Path, *, missing_at: int | None, cut_at: int, rows: int = 400) -> Path:
+    """``rows`` records over 8 good PNGs; at line ``cut_at`` a PNG cut short after its header and
+    first chunks (a file copied while being written), at ``missing_at`` an image that is not there."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(8):
+        Image.new("RGB", (24, 24), (30 * i, 10, 200)).save(root / f"good{i}.png")
+    Image.effect_noise((64, 64), 60).convert("RGB").save(root / "whole.png")
+    data = (root / "whole.png").read_bytes()
+    (root / "cut.png").write_bytes(data[:len(data) // 2])
+    lines = []
+    for number in range(1, rows + 1):
+        image = "cut.png" if number == cut_at else "gone.png" if number == missing_at else f"good{number % 8}.png"
+        lines.append(json.dumps({"id": f"r{number}", "images": [image], "prompt": "<image>\nColour?",
+                                 "response": "blue"}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_strict_mode_stops_at_open_naming_the_record_and_the_fix(tmp_path, capsys):
+    """Strict: a missing image deep in the file is the error when the split is read (the fields
+    pass checks the file exists); once it is fixed, the truncated PNG further up is found by
+    decoding every image at open, on 2 threads with a progress line, before anything trains."""
+    root = _deep_split(tmp_path / "sft", missing_at=371, cut_at=233)
+    with pytest.raises(RecordError) as err:
+        load_split(root, "sft", strict=True)
+    assert str(err.value) == (f"{root / 'train.jsonl'}:371: image {root / 'gone.png'} does not exist (relative "
+                              "paths are relative to the data file)")
+    _deep_split(root, missing_at=None, cut_at=233)  # the operator restores the missing image's record
+    with pytest.raises(RecordError) as err:
+        load_split(root, "sft", strict=True, image_check_workers=2)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{root / 'train.jsonl'}:233: image {root / 'cut.png'} cannot be decoded (")
+    assert "truncated" in message and "replace or drop it" in message and "data.lenient=true" in message
+    progress = [ln for ln in capsys.readouterr().err.splitlines() if "images decoded" in ln]
+    assert progress and all(ln.startswith(f"[prism] {root}: images decoded: ") for ln in progress)
+    assert not progress[-1].endswith(" 400/400 images")  # it stopped at the bad image
+
+    (root / "cut.png").write_bytes((root / "whole.png").read_bytes())
+    records, skips = load_split(root, "sft", strict=True, image_check_workers=3)
+    assert len(records) == 400 and skips.total == 0
+    assert capsys.readouterr().err.splitlines()[-1] == f"[prism] {root}: images decoded: 400/400 images"
+
+
+def test_lenient_mode_counts_each_bad_record_once_over_epochs(tmp_path):
+    """Lenient: the missing image is one skip when the split is read; the truncated PNG one skip
+    when its batch comes up, however many epochs bring it back (the stages' batch-time path)."""
+    root = _deep_split(tmp_path / "sft", missing_at=371, cut_at=233)
+    records, skips = load_split(root, "sft")
+    assert len(records) == 399 and dict(skips.counts) == {"missing image": 1}
+    loader = ShardedLoader(records, 50, seed=3)
+    seen = 0
+    for _ in range(3 * loader.batches_per_epoch):  # three epochs
+        for record in loader.next_batch():
+            seen += record.id == "r233"
+            try:
+                for ref in record.images:
+                    load_image(ref, record.origin)
+            except RecordError as exc:
+                skips.skip(reason_of(exc), str(exc), key=record.id)
+    assert loader.epoch == 2 and seen >= 2  # it came up again, and was not counted again
+    assert dict(skips.counts) == {"missing image": 1, "bad image": 1}

@@ -242,5 +242,9 @@ def generate_dataset(out_dir: str | Path, seed: int, sizes: SynthSizes | None = 
         special_token_ids=special_token_ids(), tag_token_ids={t: tok.token_to_id(t) for t in TAG_TOKENS},
         vocab_size=tok.get_vocab_size(), files=files,
     )
-    (out / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
+    # Written last and renamed into place: its presence is what says "the task is complete" (a run
+    # killed while generating finds no manifest and generates again, never a half-written one).
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(manifest.to_json(), encoding="utf-8")
+    tmp.replace(out / "manifest.json")
     return manifest
