@@ -238,6 +238,12 @@ def test_random_kills_in_every_stage_usr1_term_garble_then_resume_bit_exact(refe
                     os.killpg(proc.pid, signal.SIGKILL)
                     what += f", SIGKILL {delay:.2f} s later"
         rc = proc.wait(timeout=120)
+        if rc == -signal.SIGTERM and "[prism] report:" in log.read_text(errors="replace"):
+            # The SIGTERM came after the run had written its report, during the interpreter's own
+            # teardown (CPython restores the default handlers there): the work is complete, and a
+            # requeue finds every stage finished. As good as 0.
+            what += " (after the report: during interpreter teardown)"
+            rc = 0
         note(f"{'SIGTERM' if stage == term_stage else 'SIGKILL'} {what} -> rc {rc}")
         assert rc in (0, -signal.SIGKILL, *((75,) if stage == term_stage else ())), log.read_text()[-3000:]
         proc = None
