@@ -145,7 +145,8 @@ def _run_locked(cfg: PrismConfig, resume_from: str | Path | None) -> Path:
         for stage in cfg.enabled_stages():
             if stage.output_dir is None:
                 stage.output_dir = str(run_dir / stage.name)
-            ctx = StageContext(cfg, stage, source, data_root, metrics,
+            # the stage's view: its own optim/rollout/algorithm keys over the run-wide sections
+            ctx = StageContext(cfg.for_stage(stage.name), stage, source, data_root, metrics, run_cfg=cfg,
                                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                                artifacts=dict(artifacts))
             result = finished_result(ctx)

@@ -7,8 +7,8 @@ without a default are required; everything else may be left out of a config file
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Generic, Literal, TypeVar
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackend = Literal["auto", "sdpa", "te"]
@@ -227,9 +227,45 @@ class AlignConfig:
     no_valid_fallback_coef: float = 0.01  # dp_critic.py: loss when no policy response is valid
 
 
+T = TypeVar("T")
+
+
+class Partial(Generic[T]):
+    """Annotation of a per-stage section: a mapping that sets *some* keys of the run-wide section
+    ``T``; every key it leaves out comes from ``T``. The config builder checks each key and value
+    against ``T``'s fields and keeps the mapping as written (a plain dict), so a dumped config still
+    shows which keys a stage set itself. Never instantiated."""
+
+
+#: The run-wide sections a stage may set keys of under ``stages.<name>.<section>``, and which keys,
+#: per stage: only what that stage reads. SFT trains the policy but samples nothing (its held-out
+#: figures are sampled as every stage's are, with the run-wide ``rollout``); WARMUP trains only the
+#: discriminator (``discriminator.warmup_*``) on policy responses it samples; ALIGN's advantage is
+#: the game's, so of ``algorithm`` it reads the update keys; RLVR reads all of them. The stage's own
+#: learning rate is ``stages.<name>.lr`` (one place), so ``lr`` is not among the ``optim`` keys.
+#: Held-out evaluation (``eval``) samples with the run-wide ``rollout``, so that the before/after
+#: figures of every stage are measured alike.
+_OPTIM_KEYS = ("min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "warmup_steps",
+               "schedule")
+_SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k")
+_UPDATE_KEYS = ("loss", "clip_low", "clip_high", "dual_clip", "loss_agg", "loss_backend", "kl_coef", "kl_kind",
+                "entropy_coef", "log_entropy", "ppo_epochs", "mini_batches")
+STAGE_SECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "optim": {"sft": _OPTIM_KEYS, "align": _OPTIM_KEYS, "rlvr": _OPTIM_KEYS},
+    "rollout": {"warmup": _SAMPLING_KEYS, "align": _SAMPLING_KEYS, "rlvr": _SAMPLING_KEYS},
+    "algorithm": {"align": _UPDATE_KEYS, "rlvr": tuple(f.name for f in fields(AlgorithmConfig))},
+}
+
+
 @dataclass(kw_only=True)
 class StageConfig:
-    """One pipeline stage. ``name`` is filled from the key the stage is written under."""
+    """One pipeline stage. ``name`` is filled from the key the stage is written under.
+
+    ``optim``, ``rollout`` and ``algorithm`` set keys of the run-wide sections of those names for
+    this stage only (``stages.align.optim.warmup_steps: 0``, ``stages.rlvr.algorithm.loss: gspo``,
+    ``stages.align.rollout.max_new_tokens: 6144``); the keys a stage may set are
+    :data:`STAGE_SECTIONS`'. ``null``: the run-wide section as it is.
+    """
 
     name: StageName
     enabled: bool = True
@@ -240,6 +276,9 @@ class StageConfig:
     output_dir: str | None = None  # None: <run.output_dir>/<stage name>
     data_path: str | None = None
     lr: float | None = None  # None: optim.lr (RL stages usually want a smaller one than SFT)
+    optim: Partial[OptimizerConfig] | None = None
+    rollout: Partial[RolloutConfig] | None = None
+    algorithm: Partial[AlgorithmConfig] | None = None
 
 
 @dataclass
@@ -284,3 +323,21 @@ class PrismConfig:
     def enabled_stages(self) -> list[StageConfig]:
         """The stages that will run, in pipeline order."""
         return [self.stages[n] for n in STAGE_ORDER if n in self.stages and self.stages[n].enabled]
+
+    def stage_section(self, stage: str, section: str) -> Any:
+        """The ``optim`` / ``rollout`` / ``algorithm`` section ``stage`` runs with: the run-wide one
+        with the keys the stage sets itself (and, for ``optim``, ``stages.<stage>.lr``)."""
+        base = getattr(self, section)
+        entry = self.stages.get(stage)
+        if entry is None:
+            return base
+        own = dict(getattr(entry, section) or {})
+        if section == "optim" and entry.lr is not None:
+            own["lr"] = entry.lr
+        return replace(base, **own) if own else base
+
+    def for_stage(self, stage: str) -> "PrismConfig":
+        """A copy of this config whose ``optim``, ``rollout`` and ``algorithm`` are the ones
+        ``stage`` runs with (:meth:`stage_section`); the pipeline hands each stage this view, so
+        stage code reads ``cfg.algorithm`` etc. and gets its own settings."""
+        return replace(self, **{s: self.stage_section(stage, s) for s in STAGE_SECTIONS})

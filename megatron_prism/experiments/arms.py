@@ -52,13 +52,16 @@ register_arm(Arm("text-only-disc", "PRISM with a discriminator that sees no imag
 register_arm(Arm("dedicated-experts", "PRISM with dedicated perception / reasoning expert groups",
                  (*_GAME, "discriminator.mode=dedicated"), stages=_GAME_STAGES))
 
-#: The RL algorithm of the RLVR stage. DAPO is its loss (decoupled clip 0.2/0.28, token-mean) with
-#: dynamic sampling (groups whose rewards are all equal are dropped and refilled), as in Yu et al.
-#: 2025; GSPO is its sequence-level loss (Zheng et al. 2025).
+#: The RL algorithm of the RLVR stage, and of RLVR only (``stages.rlvr.algorithm``): SFT and ALIGN
+#: keep theirs, as in PRISM, where one ALIGN checkpoint (PPO clip 0.2) feeds all three RL algorithms.
+#: DAPO is its loss (decoupled clip 0.2/0.28, token-mean) with dynamic sampling (groups whose
+#: rewards are all equal are dropped and refilled), as in Yu et al. 2025; GSPO is its
+#: sequence-level loss (Zheng et al. 2025).
+_RLVR = "stages.rlvr.algorithm."
 ALGORITHMS: dict[str, tuple[str, ...]] = {
-    "grpo": ("algorithm.loss=grpo", "algorithm.advantage=grpo", "algorithm.sampling_filter=none"),
-    "dapo": ("algorithm.loss=dapo", "algorithm.advantage=grpo", "algorithm.sampling_filter=dapo_dynamic"),
-    "gspo": ("algorithm.loss=gspo", "algorithm.advantage=grpo", "algorithm.sampling_filter=none"),
+    "grpo": (f"{_RLVR}loss=grpo", f"{_RLVR}advantage=grpo", f"{_RLVR}sampling_filter=none"),
+    "dapo": (f"{_RLVR}loss=dapo", f"{_RLVR}advantage=grpo", f"{_RLVR}sampling_filter=dapo_dynamic"),
+    "gspo": (f"{_RLVR}loss=gspo", f"{_RLVR}advantage=grpo", f"{_RLVR}sampling_filter=none"),
 }
 
 

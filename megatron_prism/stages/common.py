@@ -89,8 +89,9 @@ def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, clien
                    max_items: int = 200) -> dict[str, float]:
     """Accuracy and format rate of the current policy on the held-out split, sampled as
     ``rollout.val_n`` / ``rollout.val_temperature`` say (greedy by default): accuracy is the mean
-    over all samples, pass@n the fraction of items with at least one right sample."""
-    ro = ctx.cfg.rollout
+    over all samples, pass@n the fraction of items with at least one right sample. Sampled with the
+    run-wide ``rollout`` (not a stage's own budget), so the figures of every stage compare."""
+    ro = ctx.heldout_cfg.rollout
     records, skips = load_split(ctx.split_path("eval") if ctx.stage.name == "eval" else ctx.data_root / "eval",
                                 "eval", strict=not ctx.cfg.data.lenient)
     records = records[:max_items]
@@ -109,7 +110,7 @@ def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, clien
             client.shutdown()
     responses = decode_responses(processor, results)
     expanded = [rec for rec in kept for _ in range(n)]
-    scored = score(ctx.cfg.algorithm.reward, responses, expanded)
+    scored = score(ctx.heldout_cfg.algorithm.reward, responses, expanded)
     accuracy = [float(getattr(s, "details", {}).get("accuracy", float(s))) for s in scored]
     fmt = [float(get_reward("format")(r)) for r in responses]
     total = max(len(responses), 1)

@@ -19,7 +19,7 @@ def test_dp2_checkpoint_lists_each_tensor_once_and_converts(warm, tmp_path):
     run_dir = tmp_path / "dp2"
     run_prism(run_dir, *warm.overrides(), "stages.rlvr.enabled=false", "stages.eval.enabled=false",
               "stages.sft.steps=1", "stages.sft.global_batch_size=4", "stages.sft.eval_every=0",
-              "parallel.micro_batch_size=2", "parallel.tp=1", nproc=2, timeout=300)
+              "optim.warmup_steps=0", "parallel.micro_batch_size=2", "parallel.tp=1", nproc=2, timeout=300)
     ckpt = stage_checkpoint(run_dir, "sft")
     manifest = json.loads((ckpt / "prism_checkpoint.json").read_text())
     assert manifest["weight_map"] and all(files == ["mp_rank_00_000.safetensors"]
