@@ -180,9 +180,18 @@ class DiscriminatorConfig:
     group scores the caption, a reasoning group think+answer), ablations ``dense`` (no MoE) and
     ``text-only`` (no image input).
 
-    ``router_noise`` is 0 because PRISM's router has none: the "noise 0.01" of its upcycling script
-    (``moe/create_vl_moe.py`` ``noise_std``) is Gaussian noise added once to every expert's copy of the
-    dense MLP weights, which breaks the symmetry between experts; it is ``upcycle_noise_std`` here.
+    Upcycling (PRISM's ``moe/create_vl_moe.py``, ``scripts/train/moe_warmup/create_moe.sh``
+    ``NOISE_STD=0.01``): every expert starts as a copy of its layer's dense MLP plus Gaussian noise of
+    std ``upcycle_noise_std`` drawn once per expert and weight (gate, up and down), which breaks the
+    symmetry between experts; the router starts N(0, ``router_init_std``) and adds no noise to its
+    logits, hence ``router_noise`` 0 (megatron's input jitter, for ablations). The ``dense`` mode
+    gets the same noise on its one dense MLP, so every arm of an experiment starts from the same
+    perturbation of the backbone and ``prism`` vs ``dense-disc`` differs only in the routing.
+
+    ``aux_loss_coef`` is PRISM's ``router_aux_loss_coef`` as Hugging Face means it (one loss over all
+    layers, ``topk`` when balanced); megatron's per-layer switch loss (1 when balanced) gets
+    ``aux_loss_coef * topk / layers``, the same strength (derived in
+    ``models/discriminator/load_balance.py``).
     """
 
     hf_dir: str | None = None
@@ -194,7 +203,7 @@ class DiscriminatorConfig:
     upcycle_noise_std: float = 0.01  # create_moe.sh NOISE_STD: added to each expert copy at upcycling
     router_noise: float = 0.0  # PRISM's router (HF Qwen3-VL-MoE) adds no noise to its logits
     router_init_std: float = 0.02  # create_vl_moe.py: router weights ~ N(0, 0.02)
-    aux_loss_coef: float = 0.01  # create_vl_moe.py router_aux_loss_coef (load-balancing loss)
+    aux_loss_coef: float = 0.01  # create_vl_moe.py router_aux_loss_coef, HF's meaning (converted: load_balance.py)
     head_dropout: float = 0.1  # moe/value_head.py v_head = Dropout(0.1) + Linear(hidden, 1, bias=False)
     head_init_std: float = 0.02  # value_head.py _init_v_head: N(0, 0.02)
     warmup_lr: float = 1e-5  # scripts/train/moe_warmup/train_moe_warmup.sh LEARNING_RATE
