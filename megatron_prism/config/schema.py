@@ -188,6 +188,11 @@ class DiscriminatorConfig:
     gets the same noise on its one dense MLP, so every arm of an experiment starts from the same
     perturbation of the backbone and ``prism`` vs ``dense-disc`` differs only in the routing.
 
+    ``micro_batch_pairs``: the discriminator scores and trains on micro-batches of this many
+    (teacher, policy) pairs (2x rows), lowered to the largest divisor of a rank's pairs per step so
+    every micro-batch has the same shape; ``null`` is ``parallel.micro_batch_size`` (the policy's).
+    Batched scores equal one-pair-at-a-time scores to float32 rounding (tested).
+
     ``aux_loss_coef`` is PRISM's ``router_aux_loss_coef`` as Hugging Face means it (one loss over all
     layers, ``topk`` when balanced); megatron's per-layer switch loss (1 when balanced) gets
     ``aux_loss_coef * topk / layers``, the same strength (derived in
@@ -216,6 +221,7 @@ class DiscriminatorConfig:
     align_part_reduction: PartReduction = "sum"  # verl/workers/critic/dp_critic.py: cap_loss + cot_loss
     weight_decay: float = 0.01  # warm-up AdamW weight_decay; verl critic.optim.weight_decay
     clip_grad: float = 1.0  # warm-up clip_grad_norm_ max_norm; verl critic grad_clip
+    micro_batch_pairs: int | None = None  # (teacher, policy) pairs per scoring/training micro-batch; null: parallel.micro_batch_size
 
 
 @dataclass

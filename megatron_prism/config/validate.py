@@ -247,6 +247,7 @@ def _ranges(c: _Check) -> None:
     for key in ("upcycle_noise_std", "router_noise", "aux_loss_coef", "warmup_lr", "warmup_score_l2", "align_lr",
                 "score_l2", "weight_decay", "clip_grad"):
         c.at_least(f"{d}.{key}", 0, key.replace("_", " "))
+    c.at_least(f"{d}.micro_batch_pairs", 1, "the pairs per discriminator micro-batch")
     for key in ("router_init_std", "head_init_std"):
         c.within(f"{d}.{key}", 0, float("inf"), "an initialisation std", low_open=True)
     c.within(f"{d}.head_dropout", 0, 1, "a dropout rate", high_open=True)

@@ -39,7 +39,7 @@ from megatron_prism.algorithms import compute_advantages
 from megatron_prism.data.loader import load_split
 from megatron_prism.stages.common import input_processor, make_client, run_evaluation
 from megatron_prism.stages.discriminator_common import (
-    ARTIFACT, heldout_eval, pair_loss, pair_metrics, sample_pairs, split_heldout, split_scores,
+    ARTIFACT, heldout_eval, pair_loss, pair_metrics, pairs_per_micro_batch, sample_pairs, split_heldout, split_scores,
     starting_discriminator, train_figures,
 )
 from megatron_prism.stages.policy_update import rollout_seed, update_metrics, update_policy
@@ -104,7 +104,7 @@ def run_align(ctx: StageContext) -> StageResult:
             ctx, processor, client, hf, state.loader.next_batch(), n=n,
             seed=rollout_seed(cfg.run.seed, 4, state.step, ctx.dp_rank), skips=skips)
         timer.lap("rollout")
-        batches = disc.pair_batches(teachers, policies, cfg.parallel.micro_batch_size)
+        batches = disc.pair_batches(teachers, policies, pairs_per_micro_batch(cfg, len(policies)))
         teacher_s, policy_s, valid, policy_valid = split_scores(disc.score(batches), batches)
         scored = pair_metrics(teacher_s, policy_s, valid, policy_valid, score_clip=game.score_clip,
                               weights=(game.caption_weight, game.reasoning_weight), invalid_offset=game.invalid_offset)

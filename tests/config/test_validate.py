@@ -77,6 +77,7 @@ CASES = [
     ("algorithm.reward_shaping=dapo_overlong", "algorithm.overlong_buffer", "needs a buffer in (0,"),
     ("discriminator.topk=5", "discriminator.topk", "[1, discriminator.num_experts=4]"),
     ("discriminator.head_dropout=1.0", "discriminator.head_dropout", "must lie in [0, 1)"),
+    ("discriminator.micro_batch_pairs=0", "discriminator.micro_batch_pairs", "must be at least 1"),
     ("align.samples_per_prompt=1", "align.samples_per_prompt", "must be at least 2"),
     ("model.hf_dir=/nothere", "model.hf_dir", "has no config.json"),
     ("model.megatron_dir=/tmp", "model.megatron_dir", "not a megatron_prism checkpoint"),
