@@ -22,6 +22,7 @@ StageName = Literal["sft", "warmup", "align", "rlvr", "eval"]
 DiscriminatorMode = Literal["routed", "dedicated", "dense", "text-only"]
 LrSchedule = Literal["constant", "cosine"]
 PartReduction = Literal["sum", "mean"]
+PolicyReward = Literal["game", "verifiable"]
 
 #: The order the pipeline runs its stages in. It is fixed by the method (SFT first, RLVR after the
 #: discriminator stages, evaluation last), not by the order keys happen to appear in a YAML file.
@@ -229,6 +230,11 @@ class AlignConfig:
     """The ALIGN game: how discriminator part scores become the policy's advantage, and the
     discriminator's step schedule. Defaults from PRISM's ``scripts/train/experiment/qwen3_vl_prism.sh``
     and the ``grpo_multi_reward`` estimator of its ``verl/verl/trainer/ppo/core_algos.py``.
+
+    ``policy_reward``: ``game`` (PRISM) rewards the policy with the discriminator's part scores;
+    ``verifiable`` runs the same stage (steps, prompts, ``samples_per_prompt``, optimizer, update)
+    with ``algorithm.reward`` and ``algorithm.advantage`` instead, and no discriminator: the
+    same-compute control of the ``rl-on-align-prompts`` arm.
     """
 
     caption_weight: float = 0.5  # qwen3_vl_prism.sh +algorithm.caption_weight
@@ -240,6 +246,7 @@ class AlignConfig:
     samples_per_prompt: int = 16  # qwen3_vl_prism.sh actor_rollout_ref.rollout.n
     disc_steps_per_policy_step: int = 1  # critic mini-batch = whole step batch, ppo_epochs 1 (verl defaults)
     no_valid_fallback_coef: float = 0.01  # dp_critic.py: loss when no policy response is valid
+    policy_reward: PolicyReward = "game"  # verifiable: the same-compute control (module docstring)
 
 
 T = TypeVar("T")
