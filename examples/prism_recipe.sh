@@ -86,15 +86,18 @@ else
 fi
 MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 
-# RLVR variant: PRISM's scripts/train/experiment/qwen3_vl_{grpo,dapo,gspo}_after_prism.sh.
+# RLVR variant: PRISM's scripts/train/experiment/qwen3_vl_{grpo,dapo,gspo}_after_prism.sh. It reaches the
+# RLVR stage only (stages.rlvr.*): SFT and ALIGN keep their settings, as in PRISM, where one ALIGN
+# checkpoint (PPO clip 0.2) feeds all three RL algorithms.
+R=stages.rlvr
 case "${PRISM_RL_ALGO:-grpo}" in
   grpo) ALGO=() ;;  # the config's values (qwen3_vl_grpo_after_prism*.sh)
-  dapo) ALGO=(algorithm.loss=dapo algorithm.clip_low=0.2 algorithm.clip_high=0.28 algorithm.dual_clip=10.0
-              algorithm.reward_shaping=dapo_overlong algorithm.overlong_buffer=4096 algorithm.overlong_penalty_factor=1.0
-              algorithm.sampling_filter=dapo_dynamic algorithm.max_sampling_rounds=10 algorithm.loss_agg=token-mean
-              optim.weight_decay=0.1 optim.warmup_steps=10) ;;  # dapo script: clip 0.2/0.28, clip_ratio_c 10, overlong 4096, filter_groups, max_num_gen_batches 10, lr_warmup_steps 10, wd 0.1
-  gspo) ALGO=(algorithm.loss=gspo algorithm.clip_low=0.0003 algorithm.clip_high=0.0004 algorithm.loss_agg=seq-mean-token-mean
-              optim.weight_decay=0.1 optim.warmup_steps=75) ;;  # gspo script: clip 3e-4/4e-4, seq-mean-token-mean, wd 0.1, warm-up ratio 0.05 x 1500
+  dapo) ALGO=($R.algorithm.loss=dapo $R.algorithm.clip_low=0.2 $R.algorithm.clip_high=0.28 $R.algorithm.dual_clip=10.0
+              $R.algorithm.reward_shaping=dapo_overlong $R.algorithm.overlong_buffer=4096 $R.algorithm.overlong_penalty_factor=1.0
+              $R.algorithm.sampling_filter=dapo_dynamic $R.algorithm.max_sampling_rounds=10 $R.algorithm.loss_agg=token-mean
+              $R.optim.weight_decay=0.1 $R.optim.warmup_steps=10) ;;  # dapo script: clip 0.2/0.28, clip_ratio_c 10, overlong 4096, filter_groups, max_num_gen_batches 10, lr_warmup_steps 10, wd 0.1
+  gspo) ALGO=($R.algorithm.loss=gspo $R.algorithm.clip_low=0.0003 $R.algorithm.clip_high=0.0004 $R.algorithm.loss_agg=seq-mean-token-mean
+              $R.optim.weight_decay=0.1 $R.optim.warmup_steps=75) ;;  # gspo script: clip 3e-4/4e-4, seq-mean-token-mean, wd 0.1, warm-up ratio 0.05 x 1500
   *) echo "error: PRISM_RL_ALGO=${PRISM_RL_ALGO} must be grpo, dapo or gspo" >&2; exit 2 ;;
 esac
 read -r -a EXTRA <<< "${PRISM_OVERRIDES:-}"

@@ -153,7 +153,8 @@ def _run_locked(cfg: PrismConfig, resume_from: str | Path | None) -> Path:
         for stage in cfg.enabled_stages():
             if stage.output_dir is None:
                 stage.output_dir = str(run_dir / stage.name)
-            ctx = StageContext(cfg, stage, source, data_root, metrics,
+            # the stage's view: its own optim/rollout/algorithm keys over the run-wide sections
+            ctx = StageContext(cfg.for_stage(stage.name), stage, source, data_root, metrics, run_cfg=cfg,
                                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                                artifacts=dict(artifacts))
             result = finished_result(ctx)
@@ -246,6 +247,7 @@ def write_report(run_dir: Path, cfg: PrismConfig, results: list[StageResult], wa
         lines.append(f"| {r.stage} | {r.steps} | {r.wall_seconds:.0f} | {show(before.get('eval/accuracy'))} "
                      f"| {show(after.get('eval/accuracy'))} | {show(pass_k)} | {show(after.get('eval/format'))} "
                      f"| {speed[0]} | {speed[1]} | {skipped} |")
+    lines += readout_table(results)
     lines += discriminator_table(results)
     lines += curves_section(run_dir)
     _write_atomic(md, "\n".join(lines) + "\n")
@@ -296,6 +298,26 @@ _GAME_FIGURES = (("warmup", "heldout_before", "heldout_after", "heldout/"),
 def _num(value) -> str:
     """A figure for the table; ``-`` when there is none (e.g. accuracy with no valid response)."""
     return "-" if value is None or value != value else f"{value:.3f}"
+
+
+def readout_table(results: list[StageResult]) -> list[str]:
+    """report.md rows of the mechanism readouts of each stage's held-out evaluation, before -> after:
+    the slip rate (the answer is not what the response's own think reached) and the caption error
+    rate (the caption is not a faithful one of the scene), over responses with all three parts."""
+    rows = []
+    for r in results:
+        before, after = r.metrics.get("eval_before", {}), r.metrics.get("eval_after", {})
+        if "eval/slip_rate" not in after:
+            continue
+        pair = lambda k: f"{_num(before.get(k))} -> {_num(after.get(k))}"  # noqa: E731
+        rows.append(f"| {r.stage} | {pair('eval/slip_rate')} | {pair('eval/caption_error_rate')} "
+                    f"| {pair('eval/readout_responses')} |")
+    if not rows:
+        return []
+    return ["", "Mechanism readouts on the held-out split, before -> after each stage (responses with caption, think "
+            "and answer; slip: the answer is not the think's result; caption error: not a faithful caption of the "
+            "scene):", "", "| stage | slip rate | caption error rate | responses read |", "| --- | --- | --- | --- |",
+            *rows]
 
 
 def discriminator_table(results: list[StageResult]) -> list[str]:

@@ -30,7 +30,7 @@ RUN_LIMIT_S="${PRISM_SMOKE_RUN_LIMIT_S:-150}"  # one uninterrupted prism run of 
 MCORE_VERSION="0.16.1"
 CONFIG="$REPO/examples/configs/tiny.yaml"
 # (no spaces inside an override: the list is split on whitespace)
-STAGE_OVERRIDES="model.dtype=bfloat16 run.log_every=1 data.synth_sizes=sft=64,align=32,rl=32,eval=8
+STAGE_OVERRIDES="model.dtype=bfloat16 run.log_every=1 data.synth_sizes=sft=64,align=32,rl=32,eval=8 optim.warmup_steps=0
     stages.sft.steps=2 stages.sft.save_every=2 stages.sft.eval_every=0 stages.sft.global_batch_size=8
     stages.warmup.steps=2 stages.warmup.save_every=2 stages.warmup.global_batch_size=8
     stages.align.steps=2 stages.align.save_every=2 stages.align.eval_every=0 stages.align.global_batch_size=4

@@ -19,7 +19,7 @@ import typing
 from typing import Any, Literal, Union
 
 from megatron_prism.config.errors import ConfigError
-from megatron_prism.config.schema import PrismConfig
+from megatron_prism.config.schema import Partial, PrismConfig
 
 _MISSING = object()
 
@@ -33,7 +33,7 @@ def describe_type(tp: Any) -> str:
         return " or ".join(describe_type(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp) or origin is dict:
+    if dataclasses.is_dataclass(tp) or origin in (dict, Partial):
         return "a mapping"
     if origin is list:
         return f"a list of {describe_type(typing.get_args(tp)[0])}"
@@ -48,6 +48,8 @@ def _show(value: Any) -> str:
 
 def _leaf_keys(tp: Any, prefix: str) -> list[str]:
     """Every dotted key a config of type ``tp`` can hold (used for "did you mean")."""
+    if typing.get_origin(tp) is Partial:
+        return _leaf_keys(typing.get_args(tp)[0], prefix)
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         out = []
@@ -116,12 +118,16 @@ class _Builder:
             return self.section(value, tp, key)
         if origin is dict:
             return self.mapping(value, tp, key)
+        if origin is Partial:
+            return self.partial(value, typing.get_args(tp)[0], key)
         if origin in (Union, types.UnionType):
             if value is None and type(None) in typing.get_args(tp):
                 return None
             for arm in typing.get_args(tp):
                 if arm is type(None):
                     continue
+                if isinstance(value, dict) and typing.get_origin(arm) is Partial:
+                    return self.convert(value, arm, key)  # its own error names the bad key inside
                 try:
                     return self.convert(value, arm, key)
                 except ConfigError:
@@ -179,6 +185,19 @@ class _Builder:
                 )
             kwargs[f.name] = self.convert(raw, hints[f.name], prefix + f.name)
         return cls(**kwargs)
+
+    def partial(self, value: Any, cls: type, key: str) -> dict:
+        """Some keys of dataclass ``cls``, each checked against its field; kept as a dict."""
+        if not isinstance(value, dict):
+            raise self.wrong(key, dict[str, Any], value)
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        out = {}
+        for k, v in value.items():
+            if k not in names:
+                raise self.unknown(f"{key}.{k}", names, f"{key}.")
+            out[k] = self.convert(v, hints[k], f"{key}.{k}")
+        return out
 
     def mapping(self, value: Any, tp: Any, key: str) -> dict:
         """A dict section. With ``Literal`` keys the result follows the Literal's order, and a

@@ -7,8 +7,8 @@ without a default are required; everything else may be left out of a config file
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Generic, Literal, TypeVar
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackend = Literal["auto", "sdpa", "te", "flash", "fused", "unfused"]
@@ -22,6 +22,7 @@ StageName = Literal["sft", "warmup", "align", "rlvr", "eval"]
 DiscriminatorMode = Literal["routed", "dedicated", "dense", "text-only"]
 LrSchedule = Literal["constant", "cosine"]
 PartReduction = Literal["sum", "mean"]
+PolicyReward = Literal["game", "verifiable"]
 
 #: The order the pipeline runs its stages in. It is fixed by the method (SFT first, RLVR after the
 #: discriminator stages, evaluation last), not by the order keys happen to appear in a YAML file.
@@ -192,9 +193,23 @@ class DiscriminatorConfig:
     group scores the caption, a reasoning group think+answer), ablations ``dense`` (no MoE) and
     ``text-only`` (no image input).
 
-    ``router_noise`` is 0 because PRISM's router has none: the "noise 0.01" of its upcycling script
-    (``moe/create_vl_moe.py`` ``noise_std``) is Gaussian noise added once to every expert's copy of the
-    dense MLP weights, which breaks the symmetry between experts; it is ``upcycle_noise_std`` here.
+    Upcycling (PRISM's ``moe/create_vl_moe.py``, ``scripts/train/moe_warmup/create_moe.sh``
+    ``NOISE_STD=0.01``): every expert starts as a copy of its layer's dense MLP plus Gaussian noise of
+    std ``upcycle_noise_std`` drawn once per expert and weight (gate, up and down), which breaks the
+    symmetry between experts; the router starts N(0, ``router_init_std``) and adds no noise to its
+    logits, hence ``router_noise`` 0 (megatron's input jitter, for ablations). The ``dense`` mode
+    gets the same noise on its one dense MLP, so every arm of an experiment starts from the same
+    perturbation of the backbone and ``prism`` vs ``dense-disc`` differs only in the routing.
+
+    ``micro_batch_pairs``: the discriminator scores and trains on micro-batches of this many
+    (teacher, policy) pairs (2x rows), lowered to the largest divisor of a rank's pairs per step so
+    every micro-batch has the same shape; ``null`` is ``parallel.micro_batch_size`` (the policy's).
+    Batched scores equal one-pair-at-a-time scores to float32 rounding (tested).
+
+    ``aux_loss_coef`` is PRISM's ``router_aux_loss_coef`` as Hugging Face means it (one loss over all
+    layers, ``topk`` when balanced); megatron's per-layer switch loss (1 when balanced) gets
+    ``aux_loss_coef * topk / layers``, the same strength (derived in
+    ``models/discriminator/load_balance.py``).
     """
 
     hf_dir: str | None = None
@@ -206,7 +221,7 @@ class DiscriminatorConfig:
     upcycle_noise_std: float = 0.01  # create_moe.sh NOISE_STD: added to each expert copy at upcycling
     router_noise: float = 0.0  # PRISM's router (HF Qwen3-VL-MoE) adds no noise to its logits
     router_init_std: float = 0.02  # create_vl_moe.py: router weights ~ N(0, 0.02)
-    aux_loss_coef: float = 0.01  # create_vl_moe.py router_aux_loss_coef (load-balancing loss)
+    aux_loss_coef: float = 0.01  # create_vl_moe.py router_aux_loss_coef, HF's meaning (converted: load_balance.py)
     head_dropout: float = 0.1  # moe/value_head.py v_head = Dropout(0.1) + Linear(hidden, 1, bias=False)
     head_init_std: float = 0.02  # value_head.py _init_v_head: N(0, 0.02)
     warmup_lr: float = 1e-5  # scripts/train/moe_warmup/train_moe_warmup.sh LEARNING_RATE
@@ -219,6 +234,7 @@ class DiscriminatorConfig:
     align_part_reduction: PartReduction = "sum"  # verl/workers/critic/dp_critic.py: cap_loss + cot_loss
     weight_decay: float = 0.01  # warm-up AdamW weight_decay; verl critic.optim.weight_decay
     clip_grad: float = 1.0  # warm-up clip_grad_norm_ max_norm; verl critic grad_clip
+    micro_batch_pairs: int | None = None  # (teacher, policy) pairs per scoring/training micro-batch; null: parallel.micro_batch_size
 
 
 @dataclass
@@ -226,6 +242,11 @@ class AlignConfig:
     """The ALIGN game: how discriminator part scores become the policy's advantage, and the
     discriminator's step schedule. Defaults from PRISM's ``scripts/train/experiment/qwen3_vl_prism.sh``
     and the ``grpo_multi_reward`` estimator of its ``verl/verl/trainer/ppo/core_algos.py``.
+
+    ``policy_reward``: ``game`` (PRISM) rewards the policy with the discriminator's part scores;
+    ``verifiable`` runs the same stage (steps, prompts, ``samples_per_prompt``, optimizer, update)
+    with ``algorithm.reward`` and ``algorithm.advantage`` instead, and no discriminator: the
+    same-compute control of the ``rl-on-align-prompts`` arm.
     """
 
     caption_weight: float = 0.5  # qwen3_vl_prism.sh +algorithm.caption_weight
@@ -237,11 +258,48 @@ class AlignConfig:
     samples_per_prompt: int = 16  # qwen3_vl_prism.sh actor_rollout_ref.rollout.n
     disc_steps_per_policy_step: int = 1  # critic mini-batch = whole step batch, ppo_epochs 1 (verl defaults)
     no_valid_fallback_coef: float = 0.01  # dp_critic.py: loss when no policy response is valid
+    policy_reward: PolicyReward = "game"  # verifiable: the same-compute control (module docstring)
+
+
+T = TypeVar("T")
+
+
+class Partial(Generic[T]):
+    """Annotation of a per-stage section: a mapping that sets *some* keys of the run-wide section
+    ``T``; every key it leaves out comes from ``T``. The config builder checks each key and value
+    against ``T``'s fields and keeps the mapping as written (a plain dict), so a dumped config still
+    shows which keys a stage set itself. Never instantiated."""
+
+
+#: The run-wide sections a stage may set keys of under ``stages.<name>.<section>``, and which keys,
+#: per stage: only what that stage reads. SFT trains the policy but samples nothing (its held-out
+#: figures are sampled as every stage's are, with the run-wide ``rollout``); WARMUP trains only the
+#: discriminator (``discriminator.warmup_*``) on policy responses it samples; ALIGN's advantage is
+#: the game's, so of ``algorithm`` it reads the update keys; RLVR reads all of them. The stage's own
+#: learning rate is ``stages.<name>.lr`` (one place), so ``lr`` is not among the ``optim`` keys.
+#: Held-out evaluation (``eval``) samples with the run-wide ``rollout``, so that the before/after
+#: figures of every stage are measured alike.
+_OPTIM_KEYS = ("min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad", "warmup_steps",
+               "schedule")
+_SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k")
+_UPDATE_KEYS = ("loss", "clip_low", "clip_high", "dual_clip", "loss_agg", "loss_backend", "kl_coef", "kl_kind",
+                "entropy_coef", "log_entropy", "ppo_epochs", "mini_batches")
+STAGE_SECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "optim": {"sft": _OPTIM_KEYS, "align": _OPTIM_KEYS, "rlvr": _OPTIM_KEYS},
+    "rollout": {"warmup": _SAMPLING_KEYS, "align": _SAMPLING_KEYS, "rlvr": _SAMPLING_KEYS},
+    "algorithm": {"align": _UPDATE_KEYS, "rlvr": tuple(f.name for f in fields(AlgorithmConfig))},
+}
 
 
 @dataclass(kw_only=True)
 class StageConfig:
-    """One pipeline stage. ``name`` is filled from the key the stage is written under."""
+    """One pipeline stage. ``name`` is filled from the key the stage is written under.
+
+    ``optim``, ``rollout`` and ``algorithm`` set keys of the run-wide sections of those names for
+    this stage only (``stages.align.optim.warmup_steps: 0``, ``stages.rlvr.algorithm.loss: gspo``,
+    ``stages.align.rollout.max_new_tokens: 6144``); the keys a stage may set are
+    :data:`STAGE_SECTIONS`'. ``null``: the run-wide section as it is.
+    """
 
     name: StageName
     enabled: bool = True
@@ -252,6 +310,9 @@ class StageConfig:
     output_dir: str | None = None  # None: <run.output_dir>/<stage name>
     data_path: str | None = None
     lr: float | None = None  # None: optim.lr (RL stages usually want a smaller one than SFT)
+    optim: Partial[OptimizerConfig] | None = None
+    rollout: Partial[RolloutConfig] | None = None
+    algorithm: Partial[AlgorithmConfig] | None = None
 
 
 @dataclass
@@ -296,3 +357,21 @@ class PrismConfig:
     def enabled_stages(self) -> list[StageConfig]:
         """The stages that will run, in pipeline order."""
         return [self.stages[n] for n in STAGE_ORDER if n in self.stages and self.stages[n].enabled]
+
+    def stage_section(self, stage: str, section: str) -> Any:
+        """The ``optim`` / ``rollout`` / ``algorithm`` section ``stage`` runs with: the run-wide one
+        with the keys the stage sets itself (and, for ``optim``, ``stages.<stage>.lr``)."""
+        base = getattr(self, section)
+        entry = self.stages.get(stage)
+        if entry is None:
+            return base
+        own = dict(getattr(entry, section) or {})
+        if section == "optim" and entry.lr is not None:
+            own["lr"] = entry.lr
+        return replace(base, **own) if own else base
+
+    def for_stage(self, stage: str) -> "PrismConfig":
+        """A copy of this config whose ``optim``, ``rollout`` and ``algorithm`` are the ones
+        ``stage`` runs with (:meth:`stage_section`); the pipeline hands each stage this view, so
+        stage code reads ``cfg.algorithm`` etc. and gets its own settings."""
+        return replace(self, **{s: self.stage_section(stage, s) for s in STAGE_SECTIONS})

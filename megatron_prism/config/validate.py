@@ -35,7 +35,7 @@ from typing import Any
 from megatron_prism.config.build import _Builder
 from megatron_prism.config.errors import ConfigError
 from megatron_prism.config.loader import parse_override
-from megatron_prism.config.schema import PrismConfig, StageConfig
+from megatron_prism.config.schema import STAGE_SECTIONS, PrismConfig, StageConfig
 from megatron_prism.data.records import DATA_SUFFIXES
 
 #: The data split each stage reads from ``data.root`` (a stage's ``data_path`` replaces it).
@@ -127,7 +127,7 @@ def batch_split_problem(stage: str, global_batch: int, per_prompt: int, micro_ba
 def stage_batch_problem(cfg: PrismConfig, stage: StageConfig, dp: int) -> str | None:
     """:func:`batch_split_problem` for a stage of ``cfg`` at ``dp`` data-parallel ranks."""
     return batch_split_problem(stage.name, stage.global_batch_size, sequences_per_prompt(cfg, stage.name),
-                               cfg.parallel.micro_batch_size, dp, cfg.algorithm.mini_batches)
+                               cfg.parallel.micro_batch_size, dp, cfg.stage_section(stage.name, "algorithm").mini_batches)
 
 
 def largest_useful_dp(cfg: PrismConfig, stage: StageConfig) -> int:
@@ -148,12 +148,25 @@ class _Check:
     unknown_names: set[str] = field(default_factory=set)  # keys whose name is not registered
 
     def get(self, key: str) -> Any:
+        """The value at a dotted key; under ``stages.<name>.<section>`` the section the stage runs
+        with (its own keys over the run-wide ones)."""
+        parts = key.split(".")
         node: Any = self.cfg
-        for part in key.split("."):
+        if len(parts) >= 3 and parts[0] == "stages" and parts[2] in STAGE_SECTIONS and parts[1] in self.cfg.stages:
+            node, parts = self.cfg.stage_section(parts[1], parts[2]), parts[3:]
+        for part in parts:
             node = node[part] if isinstance(node, dict) else getattr(node, part)
         return node
 
     def fail(self, key: str, message: str) -> None:
+        """A problem at ``key``; a stage key the stage did not set itself is reported where it was
+        set, at the run-wide key (``stages.rlvr.optim.warmup_steps`` -> ``optim.warmup_steps``)."""
+        parts = key.split(".")
+        if len(parts) >= 4 and parts[0] == "stages" and parts[2] in STAGE_SECTIONS:
+            stage = self.cfg.stages.get(parts[1])
+            own = getattr(stage, parts[2], None) if stage is not None else None
+            if not own or parts[3] not in own:
+                key = ".".join(parts[2:])
         self.problems.append(Problem(key, message))
 
     def at_least(self, key: str, low: float, what: str) -> None:
@@ -182,7 +195,11 @@ class _Check:
 
     def format(self, problem: Problem) -> str:
         try:
-            value = self.get(problem.key)
+            parts = problem.key.split(".")
+            if len(parts) == 3 and parts[0] == "stages" and parts[2] in STAGE_SECTIONS:
+                value = getattr(self.cfg.stages[parts[1]], parts[2])  # the section as written, not resolved
+            else:
+                value = self.get(problem.key)
             shown = "null" if value is None else repr(value)
             head = f"key '{problem.key}' {self.builder.where(problem.key)} is {shown}"
         except (AttributeError, KeyError, TypeError):  # a problem about a key the schema lacks
@@ -210,27 +227,10 @@ def _ranges(c: _Check) -> None:
         synth_sizes(cfg.data.synth_sizes)
     except ValueError as exc:
         c.fail("data.synth_sizes", f"{exc}; write e.g. sft=2000,align=500,rl=1000,eval=200")
-    o = "optim"
-    c.at_least(f"{o}.lr", 0, "a learning rate")
-    c.at_least(f"{o}.min_lr", 0, "a learning rate")
-    if cfg.optim.min_lr > cfg.optim.lr:
-        c.fail(f"{o}.min_lr", f"is above optim.lr={cfg.optim.lr:g}; the schedule decays from lr down to min_lr")
-    c.at_least(f"{o}.weight_decay", 0, "weight decay")
-    c.within(f"{o}.adam_beta1", 0, 1, "an Adam beta", high_open=True)
-    c.within(f"{o}.adam_beta2", 0, 1, "an Adam beta", high_open=True)
-    c.within(f"{o}.adam_eps", 0, 1, "Adam's epsilon", low_open=True)
-    c.at_least(f"{o}.clip_grad", 0, "the gradient clip norm (0: no clipping)")
-    c.at_least(f"{o}.warmup_steps", 0, "the number of warm-up steps")
+    _optim_ranges(c, "optim")
     r = "rollout"
     c.at_least(f"{r}.n", 1, "the number of samples per prompt")
-    c.at_least(f"{r}.temperature", 0, "a sampling temperature (0: greedy)")
-    c.within(f"{r}.top_p", 0, 1, "top-p", low_open=True)
-    if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
-        c.fail(f"{r}.top_k", "top-k is -1 (off) or at least 1")
-    c.at_least(f"{r}.max_new_tokens", 1, "the response budget")
-    if cfg.rollout.max_new_tokens >= cfg.data.max_seq_len >= 1:
-        c.fail(f"{r}.max_new_tokens", f"leaves no room for the prompt within data.max_seq_len={cfg.data.max_seq_len} "
-                                      "(prompt + response); lower it or raise data.max_seq_len")
+    _sampling_ranges(c, r)
     c.within(f"{r}.gpu_memory_fraction", 0, 1, "the engine's share of GPU memory", low_open=True, high_open=True)
     c.at_least(f"{r}.val_n", 1, "the number of held-out samples per item")
     c.at_least(f"{r}.val_temperature", 0, "a sampling temperature (0: greedy)")
@@ -248,6 +248,7 @@ def _ranges(c: _Check) -> None:
     for key in ("upcycle_noise_std", "router_noise", "aux_loss_coef", "warmup_lr", "warmup_score_l2", "align_lr",
                 "score_l2", "weight_decay", "clip_grad"):
         c.at_least(f"{d}.{key}", 0, key.replace("_", " "))
+    c.at_least(f"{d}.micro_batch_pairs", 1, "the pairs per discriminator micro-batch")
     for key in ("router_init_std", "head_init_std"):
         c.within(f"{d}.{key}", 0, float("inf"), "an initialisation std", low_open=True)
     c.within(f"{d}.head_dropout", 0, 1, "a dropout rate", high_open=True)
@@ -275,6 +276,77 @@ def _ranges(c: _Check) -> None:
         c.at_least(f"{s}.lr", 0, "a learning rate")
     if "rlvr" in cfg.stages and cfg.stages["rlvr"].enabled and cfg.rollout.n < 2:
         c.fail(f"{r}.n", "RLVR's advantages compare the samples of a prompt with each other: use at least 2")
+    _stage_sections(c)
+
+
+def _optim_ranges(c: _Check, o: str) -> None:
+    """The optimizer rules, for the run-wide ``optim`` or a stage's (``stages.sft.optim``)."""
+    opt = c.get(o)
+    if o != "optim":
+        if opt.lr < 0:
+            return  # the stage's lr rule says it
+    else:
+        c.at_least(f"{o}.lr", 0, "a learning rate")
+    c.at_least(f"{o}.min_lr", 0, "a learning rate")
+    if opt.min_lr > opt.lr:
+        lr_key = "optim.lr" if o == "optim" else o.rsplit(".", 1)[0] + ".lr"
+        c.fail(f"{o}.min_lr", f"is above {lr_key}={opt.lr:g}; the schedule decays from lr down to min_lr")
+    c.at_least(f"{o}.weight_decay", 0, "weight decay")
+    c.within(f"{o}.adam_beta1", 0, 1, "an Adam beta", high_open=True)
+    c.within(f"{o}.adam_beta2", 0, 1, "an Adam beta", high_open=True)
+    c.within(f"{o}.adam_eps", 0, 1, "Adam's epsilon", low_open=True)
+    c.at_least(f"{o}.clip_grad", 0, "the gradient clip norm (0: no clipping)")
+    c.at_least(f"{o}.warmup_steps", 0, "the number of warm-up steps")
+
+
+def _sampling_ranges(c: _Check, r: str) -> None:
+    """The sampling rules, for the run-wide ``rollout`` or a stage's (``stages.align.rollout``)."""
+    ro = c.get(r)
+    c.at_least(f"{r}.temperature", 0, "a sampling temperature (0: greedy)")
+    c.within(f"{r}.top_p", 0, 1, "top-p", low_open=True)
+    if ro.top_k != -1 and ro.top_k < 1:
+        c.fail(f"{r}.top_k", "top-k is -1 (off) or at least 1")
+    c.at_least(f"{r}.max_new_tokens", 1, "the response budget")
+    if ro.max_new_tokens >= c.cfg.data.max_seq_len >= 1:
+        c.fail(f"{r}.max_new_tokens", f"leaves no room for the prompt within data.max_seq_len={c.cfg.data.max_seq_len} "
+                                      "(prompt + response); lower it or raise data.max_seq_len")
+
+
+def _stage_sections(c: _Check) -> None:
+    """Per-stage sections: only under a stage that reads them, only the keys it reads, each by the
+    run-wide section's rules; and a warm-up that ends before the stage's last update."""
+    cfg = c.cfg
+    for stage in cfg.stages.values():
+        s = f"stages.{stage.name}"
+        for section, per_stage in STAGE_SECTIONS.items():
+            own = getattr(stage, section)
+            if own is None:
+                continue
+            if stage.name not in per_stage:
+                readers = ", ".join(f"stages.{n}.{section}" for n in per_stage)
+                c.fail(f"{s}.{section}", f"stage {stage.name} does not read the {section} section (it may be set under "
+                                         f"{readers}, or run-wide as {section}); drop it")
+                continue
+            for key in own:
+                if key not in per_stage[stage.name]:
+                    why = (f"the stage's learning rate is {s}.lr" if (section, key) == ("optim", "lr") else
+                           f"stage {stage.name} does not read it per stage; set it run-wide as {section}.{key}")
+                    c.fail(f"{s}.{section}.{key}", f"is not a per-stage key here: {why}")
+            if any(k not in per_stage[stage.name] for k in own):
+                continue
+            {"optim": _optim_ranges, "rollout": _sampling_ranges, "algorithm": _algorithm_ranges}[section](
+                c, f"{s}.{section}")
+        if stage.name in ("sft", "align", "rlvr") and stage.enabled and stage.steps >= 1:
+            opt = cfg.stage_section(stage.name, "optim")
+            updates = stage.steps
+            if stage.name != "sft":
+                alg = cfg.stage_section(stage.name, "algorithm")
+                updates *= max(alg.ppo_epochs, 1) * max(alg.mini_batches, 1)
+            if opt.warmup_steps > 0 and opt.warmup_steps >= updates:
+                c.fail(f"{s}.optim.warmup_steps",
+                       f"is not shorter than stage {stage.name}'s {updates} optimizer step(s): the schedule would cut "
+                       f"the warm-up short (its first update runs at lr 0); set {s}.optim.warmup_steps below "
+                       f"{updates} (0: none)")
 
 
 def _algorithm_ranges(c: _Check, a: str) -> None:
@@ -291,7 +363,7 @@ def _algorithm_ranges(c: _Check, a: str) -> None:
     c.at_least(f"{a}.ppo_epochs", 1, "the number of passes over a step's rollouts")
     c.at_least(f"{a}.mini_batches", 1, "the number of optimizer steps per pass")
     if alg.reward_shaping == "dapo_overlong":
-        budget = c.cfg.rollout.max_new_tokens
+        budget = c.get(a.replace("algorithm", "rollout")).max_new_tokens
         if not 0 < alg.overlong_buffer < budget:
             c.fail(f"{a}.overlong_buffer", f"{a}.reward_shaping=dapo_overlong needs a buffer in (0, "
                                            f"rollout.max_new_tokens={budget}): the last tokens of the response "
@@ -309,6 +381,14 @@ def _names(c: _Check) -> None:
                           ("algorithm.reward_shaping", REWARD_SHAPERS),
                           ("algorithm.sampling_filter", SAMPLING_FILTERS), ("rollout.engine", ENGINES)):
         c.name(key, registry)
+    for stage in c.cfg.stages.values():  # names a stage sets itself (the run-wide ones are checked above)
+        for name in stage.algorithm or {}:
+            if name not in STAGE_SECTIONS["algorithm"].get(stage.name, ()):
+                continue  # the per-stage rule says it
+            registry = {"reward": REWARDS, "advantage": ADVANTAGES, "loss": POLICY_LOSSES, "kl_kind": KL_ESTIMATORS,
+                        "reward_shaping": REWARD_SHAPERS, "sampling_filter": SAMPLING_FILTERS}.get(name)
+            if registry is not None:
+                c.name(f"stages.{stage.name}.algorithm.{name}", registry)
 
 
 def _policy_shape(c: _Check):

@@ -2,7 +2,10 @@
 
 An arm is what the paper's referee asked to compare: the baseline (SFT -> RLVR), PRISM (SFT ->
 WARMUP -> ALIGN -> RLVR), the control that gives SFT the alignment demonstrations without the game
-(``align-data-as-sft``), and discriminator ablations. Arms are registered by name like the
+(``align-data-as-sft``), the control that gives RL ALIGN's compute on the align prompts without the
+game (``rl-on-align-prompts``: the ALIGN stage with ``align.policy_reward=verifiable``, so its
+steps, prompts, samples per prompt, optimizer and update are ALIGN's by construction), and
+discriminator ablations. Arms are registered by name like the
 algorithms; adding one is one :func:`register_arm` call.
 
 ``align-data-as-sft`` needs its SFT stage to read the SFT split *and* the alignment split's
@@ -45,6 +48,10 @@ register_arm(Arm("prism", "SFT -> WARMUP -> ALIGN -> RLVR (routed MoE discrimina
                  (*_GAME, "discriminator.mode=routed"), stages=_GAME_STAGES))
 register_arm(Arm("align-data-as-sft", "the alignment demonstrations added to SFT, then RLVR (no game)",
                  _NO_GAME, sft_splits=("sft", "align")))
+register_arm(Arm("rl-on-align-prompts", "the same-compute control: SFT -> RL with the verifiable reward on the align "
+                 "prompts, ALIGN's updates and samples (no discriminator) -> RLVR",
+                 ("stages.warmup.enabled=false", "stages.align.enabled=true", "align.policy_reward=verifiable"),
+                 stages=("sft", "align", "rlvr", "eval")))
 register_arm(Arm("dense-disc", "PRISM with a dense (no MoE) discriminator",
                  (*_GAME, "discriminator.mode=dense"), stages=_GAME_STAGES))
 register_arm(Arm("text-only-disc", "PRISM with a discriminator that sees no image",
@@ -52,13 +59,16 @@ register_arm(Arm("text-only-disc", "PRISM with a discriminator that sees no imag
 register_arm(Arm("dedicated-experts", "PRISM with dedicated perception / reasoning expert groups",
                  (*_GAME, "discriminator.mode=dedicated"), stages=_GAME_STAGES))
 
-#: The RL algorithm of the RLVR stage. DAPO is its loss (decoupled clip 0.2/0.28, token-mean) with
-#: dynamic sampling (groups whose rewards are all equal are dropped and refilled), as in Yu et al.
-#: 2025; GSPO is its sequence-level loss (Zheng et al. 2025).
+#: The RL algorithm of the RLVR stage, and of RLVR only (``stages.rlvr.algorithm``): SFT and ALIGN
+#: keep theirs, as in PRISM, where one ALIGN checkpoint (PPO clip 0.2) feeds all three RL algorithms.
+#: DAPO is its loss (decoupled clip 0.2/0.28, token-mean) with dynamic sampling (groups whose
+#: rewards are all equal are dropped and refilled), as in Yu et al. 2025; GSPO is its
+#: sequence-level loss (Zheng et al. 2025).
+_RLVR = "stages.rlvr.algorithm."
 ALGORITHMS: dict[str, tuple[str, ...]] = {
-    "grpo": ("algorithm.loss=grpo", "algorithm.advantage=grpo", "algorithm.sampling_filter=none"),
-    "dapo": ("algorithm.loss=dapo", "algorithm.advantage=grpo", "algorithm.sampling_filter=dapo_dynamic"),
-    "gspo": ("algorithm.loss=gspo", "algorithm.advantage=grpo", "algorithm.sampling_filter=none"),
+    "grpo": (f"{_RLVR}loss=grpo", f"{_RLVR}advantage=grpo", f"{_RLVR}sampling_filter=none"),
+    "dapo": (f"{_RLVR}loss=dapo", f"{_RLVR}advantage=grpo", f"{_RLVR}sampling_filter=dapo_dynamic"),
+    "gspo": (f"{_RLVR}loss=gspo", f"{_RLVR}advantage=grpo", f"{_RLVR}sampling_filter=none"),
 }
 
 

@@ -11,7 +11,10 @@ All runs share one data root (the config's ``data.root``, or the synthetic task 
 ``<out>/data``), so every arm and seed is evaluated on the same items, which the paired tests need.
 Seed k sets ``run.seed = <config run.seed> + k`` in every arm (seeds are paired across arms).
 Override order, later winning: the user's ``key=value``, the arm's, the algorithm's, the runner's
-own (``run.output_dir``, ``run.seed``, ``data.root``, ``stages.sft.data_path`` for merged splits).
+own (``run.output_dir``, ``run.seed``, ``data.root``, ``stages.sft.data_path`` for merged splits,
+and ``stages.sft.output_dir`` / ``stages.warmup.output_dir``). Arms that run SFT (and WARMUP) alike
+at a seed share one run of it under ``<out>/shared/<stage>-<key>`` (:mod:`.shared`): the first arm
+trains it, the others find it finished and start from its checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from megatron_prism.config import PrismConfig, load_config
 from megatron_prism.console import format_duration
 from megatron_prism.experiments.arms import ALGORITHMS, Arm
 from megatron_prism.experiments.report import RunRecord, build_report, write_report
+from megatron_prism.experiments.shared import shared_stage_overrides
 
 MARKER = "experiment_run.json"
 EVAL_REPORT = "eval_report.json"
@@ -143,6 +147,8 @@ def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Pa
     if arm.sft_splits != ("sft",):
         merged = merge_splits(data_root, arm.sft_splits, out / "merged_splits" / "+".join(arm.sft_splits))
         overrides.append(f"stages.sft.data_path={merged}")
+    # SFT (and WARMUP) run once per seed for every arm that runs them alike (experiments.shared)
+    overrides += shared_stage_overrides(load_config(spec.config, overrides), data_root, out / "shared")
     record = {"arm": arm.name, "seed": seed, "algorithm": spec.algorithm, "config": str(spec.config),
               "overrides": overrides, "k": spec.k, "temperature": spec.temperature, "benchmarks": spec.benchmarks}
     marker = run_dir / MARKER

@@ -51,12 +51,15 @@ def discriminator_shape(cfg: PrismConfig) -> ModelShape | None:
 def workload_from_config(cfg: PrismConfig) -> Workload:
     stages = {s.name: s.global_batch_size for s in cfg.enabled_stages()}
     samples = {name: sequences_per_prompt(cfg, name) for name in stages}
+    # per-stage settings: plan for the largest response budget and the most mini-batches any stage uses
+    views = [cfg.for_stage(name) for name in stages] or [cfg]
     return Workload(
-        dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype, max_seq_len=cfg.data.max_seq_len, max_new_tokens=cfg.rollout.max_new_tokens,
+        dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype, max_seq_len=cfg.data.max_seq_len,
+        max_new_tokens=max(v.rollout.max_new_tokens for v in views),
         max_pixels=cfg.data.max_pixels or QWEN3VL_MAX_PIXELS, rollout_n=cfg.rollout.n, colocated=cfg.rollout.engine in ("sglang", "vllm"),
-        kl_reference=cfg.algorithm.kl_coef > 0, discriminator=discriminator_shape(cfg),
+        kl_reference=any(v.algorithm.kl_coef > 0 for v in views), discriminator=discriminator_shape(cfg),
         disc_top_k=getattr(getattr(cfg, "discriminator", None), "topk", 2), stage_batches=stages,
-        stage_samples=samples, mini_batches=cfg.algorithm.mini_batches,
+        stage_samples=samples, mini_batches=max(v.algorithm.mini_batches for v in views),
         distributed_optimizer=cfg.optim.use_distributed_optimizer)
 
 

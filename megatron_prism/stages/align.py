@@ -37,17 +37,17 @@ from pathlib import Path
 
 from megatron_prism.algorithms import compute_advantages
 from megatron_prism.data.loader import load_split
-from megatron_prism.stages.common import input_processor, make_client, run_evaluation
+from megatron_prism.stages.common import decode_responses, input_processor, make_client, run_evaluation, score
 from megatron_prism.stages.discriminator_common import (
-    ARTIFACT, heldout_eval, pair_loss, pair_metrics, sample_pairs, split_heldout, split_scores,
+    ARTIFACT, heldout_eval, pair_loss, pair_metrics, pairs_per_micro_batch, sample_pairs, split_heldout, split_scores,
     starting_discriminator, train_figures,
 )
-from megatron_prism.stages.policy_update import rollout_seed, update_metrics, update_policy
+from megatron_prism.stages.policy_update import dp_sum, rollout_seed, update_metrics, update_policy
 from megatron_prism.training import preemption
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime, optimizer_config
-from megatron_prism.training.loop import (StageContext, StageResult, Throughput, final_figures, healthy, save,
-                                          start_or_resume)
+from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, final_figures,
+                                          healthy, save, start_or_resume)
 from megatron_prism.training.metrics import progress
 from megatron_prism.training.optimizer import TrainingDiverged
 from megatron_prism.training.runtime import PolicyRuntime
@@ -62,6 +62,8 @@ def _judge(ctx: StageContext, path: Path, processor) -> DiscriminatorRuntime:
 
 
 def run_align(ctx: StageContext) -> StageResult:
+    if ctx.cfg.align.policy_reward == "verifiable":
+        return _run_verifiable(ctx)
     cfg, d, game, alg = ctx.cfg, ctx.cfg.discriminator, ctx.cfg.align, ctx.cfg.algorithm
     started = time.time()
     records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient,
@@ -110,7 +112,7 @@ def run_align(ctx: StageContext) -> StageResult:
             ctx, processor, client, hf, state.loader.next_batch(), n=n,
             seed=rollout_seed(cfg.run.seed, 4, state.step, ctx.dp_rank), skips=skips)
         timer.lap("rollout")
-        batches = disc.pair_batches(teachers, policies, cfg.parallel.micro_batch_size)
+        batches = disc.pair_batches(teachers, policies, pairs_per_micro_batch(cfg, len(policies)))
         teacher_s, policy_s, valid, policy_valid = split_scores(disc.score(batches), batches)
         scored = pair_metrics(teacher_s, policy_s, valid, policy_valid, score_clip=game.score_clip,
                               weights=(game.caption_weight, game.reasoning_weight), invalid_offset=game.invalid_offset)
@@ -179,3 +181,73 @@ def _save_game(ctx: StageContext, state, disc: DiscriminatorRuntime, disc_root: 
         return None
     disc.save(disc_root, state.step, {"stage": "align"})
     return save(ctx, state)
+
+
+def _run_verifiable(ctx: StageContext) -> StageResult:
+    """``align.policy_reward: verifiable``, the same-compute control (arm ``rl-on-align-prompts``):
+    the ALIGN stage's loop (its steps, prompts per step, ``align.samples_per_prompt`` responses
+    each, sampling seeds, optimizer and update) with the verifiable reward ``algorithm.reward`` and
+    ``algorithm.advantage`` in place of the discriminator's game. A gain of the game over this
+    control is then not a gain of extra on-policy updates on the align prompts."""
+    import torch
+
+    cfg, game, alg = ctx.cfg, ctx.cfg.align, ctx.cfg.algorithm
+    started = time.time()
+    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient,
+                                image_check_workers=cfg.data.image_check_workers)
+    train, _ = split_heldout(records)  # the game's training prompts, its held-out ones left out alike
+    steps = ctx.stage.steps
+    state = start_or_resume(ctx, train, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=2)
+    skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too
+    runtime = state.runtime
+    processor = input_processor(runtime.source, cfg.data)
+    hf = runtime.hf_config
+    client = make_client(ctx, runtime)
+    reference = (PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, None, total_steps=1, seed=cfg.run.seed,
+                                     trainable=False) if alg.kl_coef > 0 else None)
+    if ctx.stage.eval_every > 0 and "eval_before" not in state.extra:
+        state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
+    bar = progress(steps, state.step, "align", every=cfg.run.log_every)
+    last: dict[str, float] = dict(state.extra.get("final", {}))
+    n = game.samples_per_prompt
+    while state.step < steps:
+        timer = Throughput()
+        runtime.train()
+        client.sync(runtime)
+        timer.lap("sync")
+        batch = state.loader.next_batch()
+        by_id = {r.id: r for r in batch}
+        requests, results, _, _ = sample_pairs(ctx, processor, client, hf, batch, n=n,
+                                               seed=rollout_seed(cfg.run.seed, 4, state.step, ctx.dp_rank), skips=skips)
+        timer.lap("rollout")
+        scored = score(alg.reward, decode_responses(processor, results), [by_id[q.request_id] for q in requests])
+        rewards = torch.tensor([float(x) for x in scored], dtype=torch.float64)
+        accuracy = [float(getattr(x, "details", {}).get("accuracy", float(x))) for x in scored]
+        lengths = torch.tensor([len(r.response_ids) for r in results], dtype=torch.float64)
+        advantages = compute_advantages(alg.advantage, rewards, [i // n for i in range(len(results))],
+                                        response_lengths=lengths,
+                                        all_reduce=lambda t: torch.tensor(dp_sum(t.tolist()), dtype=t.dtype))
+        timer.lap("score")
+        samples = [{"request": q, "result": r, "advantage": float(a)}
+                   for q, r, a in zip(requests, results, advantages.tolist())]
+        metrics_sum, result = update_policy(cfg, runtime, samples, reference, timer, pause="align.update")
+        state.step += 1
+        tokens = max(metrics_sum.get("tokens", 0.0), 1.0)
+        last = {"reward/mean": float(rewards.mean()), "reward/accuracy": sum(accuracy) / max(len(accuracy), 1),
+                "advantage/mean": float(advantages.mean()), "advantage/std": float(advantages.std()),
+                "response/length": float(lengths.mean()), **update_metrics(cfg, metrics_sum, result),
+                "sync/seconds": client.last_sync.get("seconds", 0.0), **timer.scalars(int(tokens))}
+        ctx.metrics.log("align", state.step, last)
+        bar.step(last)
+        if ctx.stage.eval_every > 0 and state.step % ctx.stage.eval_every == 0 and state.step < steps:
+            ctx.metrics.log("align", state.step, run_evaluation(ctx, runtime, processor, label="during", client=client))
+        state.extra["final"] = final_figures(last)
+        state.extra["skips"] = skips.state_dict()
+        checkpoint_or_stop(ctx, state, steps)  # healthy saves only; a stop request: save, exit 75
+    bar.close()
+    final = latest_checkpoint(ctx.checkpoint_root) or save(ctx, state)
+    eval_after = run_evaluation(ctx, runtime, processor, label="after", client=client) if ctx.stage.eval_every > 0 else {}
+    client.shutdown()
+    return StageResult(stage="align", checkpoint=str(final), steps=state.step, wall_seconds=time.time() - started,
+                       metrics={"final": last, "eval_before": state.extra.get("eval_before", {}), "eval_after": eval_after,
+                                "policy_reward": "verifiable", "skipped_records": dict(skips.counts)})

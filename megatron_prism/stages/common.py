@@ -16,6 +16,7 @@ from megatron_prism.data.images import settings_for_model
 from megatron_prism.data.loader import load_split
 from megatron_prism.data.processing import InputProcessor, load_tokenizer
 from megatron_prism.data.records import Record, RecordError, reason_of
+from megatron_prism.data.synth.readouts import mechanism_rates
 from megatron_prism.models.qwen3vl.config import read_hf_config
 from megatron_prism.rewards import get_reward
 from megatron_prism.rollout import GenerationRequest, GenerationResult, SamplingParams
@@ -89,8 +90,10 @@ def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, clien
                    max_items: int = 200) -> dict[str, float]:
     """Accuracy and format rate of the current policy on the held-out split, sampled as
     ``rollout.val_n`` / ``rollout.val_temperature`` say (greedy by default): accuracy is the mean
-    over all samples, pass@n the fraction of items with at least one right sample."""
-    ro = ctx.cfg.rollout
+    over all samples, pass@n the fraction of items with at least one right sample; on the embedded
+    task also the slip and caption-error rates (:mod:`megatron_prism.data.synth.readouts`). Sampled with the
+    run-wide ``rollout`` (not a stage's own budget), so the figures of every stage compare."""
+    ro = ctx.heldout_cfg.rollout
     records, skips = load_split(ctx.split_path("eval") if ctx.stage.name == "eval" else ctx.data_root / "eval",
                                 "eval", strict=not ctx.cfg.data.lenient,
                                 image_check_workers=ctx.cfg.data.image_check_workers)
@@ -110,7 +113,7 @@ def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, clien
             client.shutdown()
     responses = decode_responses(processor, results)
     expanded = [rec for rec in kept for _ in range(n)]
-    scored = score(ctx.cfg.algorithm.reward, responses, expanded)
+    scored = score(ctx.heldout_cfg.algorithm.reward, responses, expanded)
     accuracy = [float(getattr(s, "details", {}).get("accuracy", float(s))) for s in scored]
     fmt = [float(get_reward("format")(r)) for r in responses]
     total = max(len(responses), 1)
@@ -118,6 +121,8 @@ def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, clien
     out = {"eval/accuracy": sum(accuracy) / total, "eval/format": sum(fmt) / total,
            "eval/reward": sum(map(float, scored)) / total, "eval/items": float(len(kept)),
            f"eval/pass@{n}": sum(solved) / max(len(kept), 1)}
+    # perception and reasoning apart: slip and caption-error rates (embedded task only)
+    out.update(mechanism_rates(responses, expanded))
     log.info("%s eval (%s): accuracy %.3f, format %.3f over %d items x %d samples (T=%g)", ctx.stage.name, label,
              out["eval/accuracy"], out["eval/format"], len(kept), n, ro.val_temperature if n > 1 else 0.0)
     return out

@@ -114,6 +114,16 @@ def sample_pairs(ctx: StageContext, processor: InputProcessor, client: RolloutCl
     return requests, results, teacher_rows, policy_rows
 
 
+def pairs_per_micro_batch(cfg, pairs: int) -> int:
+    """Pairs per discriminator micro-batch for a rank's ``pairs`` of one step:
+    ``discriminator.micro_batch_pairs`` (null: ``parallel.micro_batch_size``), lowered to the
+    largest divisor of ``pairs``, so that every micro-batch has the same shape (megatron's pipeline
+    schedule sends fixed-shape activations between stages)."""
+    want = cfg.discriminator.micro_batch_pairs or cfg.parallel.micro_batch_size
+    want = max(1, min(want, pairs))
+    return next(k for k in range(want, 0, -1) if pairs % k == 0)
+
+
 def pair_loss(batches: Sequence[ScoreBatch], *, score_l2: float, part_reduction: str, score_clip: float | None,
               fallback_coef: float) -> PairLossFn:
     """Bradley-Terry shares of one global batch: pair losses divide by the global number of valid
@@ -200,7 +210,7 @@ def heldout_eval(ctx: StageContext, disc: DiscriminatorRuntime, processor: Input
         _, _, teachers, policies = sample_pairs(ctx, processor, client, hf_config, records, n=HELDOUT_SAMPLES,
                                                 seed=rollout_seed(ctx.cfg.run.seed, 7919))
         pairs = (teachers, policies)
-    batches = disc.pair_batches(pairs[0], pairs[1], ctx.cfg.parallel.micro_batch_size)
+    batches = disc.pair_batches(pairs[0], pairs[1], pairs_per_micro_batch(ctx.cfg, len(pairs[1])))
     game = ctx.cfg.align
     out = pair_metrics(*split_scores(disc.score(batches), batches), score_clip=game.score_clip, prefix=prefix,
                        weights=(game.caption_weight, game.reasoning_weight), invalid_offset=game.invalid_offset)

@@ -24,7 +24,8 @@ import time
 from megatron_prism.data.loader import ShardedLoader, load_split
 from megatron_prism.stages.common import input_processor, make_client
 from megatron_prism.stages.discriminator_common import (
-    ARTIFACT, heldout_eval, pair_loss, sample_pairs, split_heldout, starting_discriminator, train_figures,
+    ARTIFACT, heldout_eval, pair_loss, pairs_per_micro_batch, sample_pairs, split_heldout, starting_discriminator,
+    train_figures,
 )
 from megatron_prism.stages.policy_update import rollout_seed
 from megatron_prism.training import preemption
@@ -87,7 +88,7 @@ def run_warmup(ctx: StageContext) -> StageResult:
         _, results, teachers, policies = sample_pairs(ctx, processor, client, policy.hf_config, batch, n=1,
                                                       seed=rollout_seed(cfg.run.seed, 3, step, ctx.dp_rank), skips=skips)
         timer.lap("rollout")
-        batches = disc.pair_batches(teachers, policies, cfg.parallel.micro_batch_size)
+        batches = disc.pair_batches(teachers, policies, pairs_per_micro_batch(cfg, len(policies)))
         loss_fn = pair_loss(batches, score_l2=d.warmup_score_l2, part_reduction=d.warmup_part_reduction,
                             score_clip=None, fallback_coef=cfg.align.no_valid_fallback_coef)
         result, reduced = disc.train_step(batches, loss_fn, aux_loss=True)

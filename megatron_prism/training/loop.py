@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,13 @@ class StageContext:
     artifacts: dict[str, str] = field(default_factory=dict)
     # ``prism run --resume-from``: the checkpoint this stage resumes from instead of its newest.
     resume_from: Path | None = None
+    # The run-wide config; ``cfg`` is the stage's view of it (``PrismConfig.for_stage``). Held-out
+    # evaluation samples with the run-wide ``rollout`` so every stage's before/after figures compare.
+    run_cfg: PrismConfig | None = None
+
+    @property
+    def heldout_cfg(self) -> PrismConfig:
+        return self.run_cfg or self.cfg
 
     @property
     def out_dir(self) -> Path:
@@ -105,7 +112,7 @@ def start_or_resume(ctx: StageContext, items: list, *, total_steps: int, seed_of
     checkpoint directory of the stage whose same step must verify too (ALIGN's discriminator)."""
     cfg = ctx.cfg
     seed = cfg.run.seed + seed_offset
-    optim = cfg.optim if ctx.stage.lr is None else replace(cfg.optim, lr=ctx.stage.lr)
+    optim = cfg.stage_section(ctx.stage.name, "optim")  # the run-wide optim with the stage's lr and keys
     latest = ckpt.choose_resume(ctx.checkpoint_root, resume_from=ctx.resume_from, companion=companion)
     loader = ShardedLoader(items, ctx.stage.global_batch_size, seed=cfg.data.seed + seed_offset,
                            dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)

@@ -23,7 +23,7 @@ TINY = ROOT / "examples" / "configs" / "tiny.yaml"
 SHORT = ["run.logger=none", "data.synth_sizes=sft=24,align=4,rl=8,eval=4", "stages.sft.steps=2",
          "stages.sft.global_batch_size=4", "stages.sft.eval_every=0", "stages.rlvr.steps=1",
          "stages.rlvr.global_batch_size=2", "stages.rlvr.eval_every=0", "rollout.n=2", "rollout.max_new_tokens=16",
-         "parallel.micro_batch_size=4"]
+         "parallel.micro_batch_size=4", "optim.warmup_steps=0"]  # (a warm-up as long as a stage is refused)
 NO_GAME = ["stages.warmup.enabled=false", "stages.align.enabled=false"]
 
 
@@ -165,3 +165,25 @@ def test_convert_rejects_non_positive_sizes(capsys):
         main(["convert", "hf-to-megatron", "--hf-dir", "H", "--out", "M", "--tp", "0"])
     assert exc.value.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_same_compute_control_runs_align_with_the_verifiable_reward(tmp_path):
+    """The ``rl-on-align-prompts`` arm: the ALIGN stage's loop with ``algorithm.reward`` instead of
+    the game (no discriminator is built or written), for ALIGN's steps and samples."""
+    from megatron_prism.experiments.arms import ARMS
+
+    out_dir = tmp_path / "run"
+    control = [*ARMS.get("rl-on-align-prompts").overrides, "data.synth_sizes=sft=24,align=20,rl=8,eval=4",
+               "stages.rlvr.enabled=false", "stages.eval.enabled=false", "stages.align.steps=2",
+               "stages.align.global_batch_size=2", "stages.align.eval_every=0", "stages.align.save_every=2",
+               "align.samples_per_prompt=2"]
+    proc = _prism("run", str(TINY), f"run.output_dir={out_dir}", *SHORT, *control, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    started = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[prism] stage ")]
+    assert started == ["[prism] stage sft", "[prism] stage align"]
+    align = {s["stage"]: s for s in json.loads((out_dir / "report.json").read_text())["stages"]}["align"]
+    assert align["metrics"]["policy_reward"] == "verifiable" and align["steps"] == 2
+    assert not (out_dir / "align" / "disc_checkpoints").exists() and not (out_dir / "align" / "discriminator_init").exists()
+    steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    align_steps = [r for r in steps if r["stage"] == "align" and "reward/accuracy" in r]
+    assert len(align_steps) == 2 and all("disc/grad_norm" not in r for r in align_steps)

@@ -49,7 +49,8 @@ def test_round_trip_dict_config_dict():
         "optim": {"lr": 3, "schedule": "cosine"},  # an int for a float field becomes a float
         "algorithm": {"clip_high": 0.28},
         # written out of pipeline order: the config puts stages in STAGE_ORDER
-        "stages": {"rlvr": _stage("o/rlvr"), "sft": _stage("o/sft", enabled=False)},
+        "stages": {"rlvr": _stage("o/rlvr", optim={"warmup_steps": 1}, algorithm={"loss": "gspo"}),
+                   "sft": _stage("o/sft", enabled=False)},
         "run": {"output_dir": "o", "logger": "none"},
     }
     cfg = config_from_dict(raw)
@@ -61,13 +62,43 @@ def test_round_trip_dict_config_dict():
     for section, values in raw.items():
         if section != "stages":
             assert {k: out[section][k] for k in values} == values
-    assert out["stages"]["sft"] == {"name": "sft", "enabled": False, **_stage("o/sft")}
+    assert out["stages"]["sft"] == {"name": "sft", "enabled": False, **_stage("o/sft"), "optim": None,
+                                    "rollout": None, "algorithm": None}
+    # a stage's section is kept as written (the keys it sets), not resolved
+    assert out["stages"]["rlvr"]["optim"] == {"warmup_steps": 1} and out["stages"]["rlvr"]["algorithm"] == {"loss": "gspo"}
     assert config_to_dict(config_from_dict(out)) == out
     assert config_from_dict(out) == cfg
 
 
+def test_a_stage_runs_with_its_own_keys_over_the_run_wide_sections():
+    from megatron_prism.experiments.arms import ALGORITHMS
+
+    cfg = load_config(TINY, ["optim.lr=1e-6", *ALGORITHMS["gspo"], "stages.rlvr.rollout.max_new_tokens=40"])
+    sft, align, rlvr = (cfg.for_stage(n) for n in ("sft", "align", "rlvr"))
+    # SFT: the run-wide cosine with its warm-up, its own lr; ALIGN: constant, no warm-up (tiny.yaml)
+    assert (sft.optim.lr, sft.optim.warmup_steps, sft.optim.schedule) == (2e-3, 10, "cosine")
+    assert (align.optim.lr, align.optim.warmup_steps, align.optim.schedule) == (2e-4, 0, "constant")
+    # `--algorithm gspo` reaches RLVR only; ALIGN keeps PPO clip 0.2 (one ALIGN checkpoint feeds every RL variant)
+    assert (rlvr.algorithm.loss, align.algorithm.loss, sft.algorithm.loss) == ("gspo", "grpo", "grpo")
+    assert (align.algorithm.clip_low, align.algorithm.clip_high) == (0.2, 0.2)
+    assert (rlvr.rollout.max_new_tokens, align.rollout.max_new_tokens, cfg.rollout.max_new_tokens) == (40, 64, 64)
+    # the view leaves the run-wide config as it was
+    assert (cfg.optim.lr, cfg.algorithm.loss) == (1e-6, "grpo")
+
+
+def test_a_stage_section_key_is_checked_against_the_run_wide_section():
+    with pytest.raises(ConfigError, match=r"unknown key 'stages.align.optim.warmup_step' .*did you mean "
+                                          r"'stages.align.optim.warmup_steps'"):
+        load_config(TINY, ["stages.align.optim.warmup_step=1"])
+    with pytest.raises(ConfigError, match=r"key 'stages.rlvr.algorithm.clip_low' .* expects float or null"):
+        load_config(TINY, ["stages.rlvr.algorithm.clip_low=high"])
+    with pytest.raises(ConfigError, match=r"unknown key 'stages.sft.discriminator_lr' in override"):
+        load_config(TINY, ["stages.sft.discriminator_lr=1e-5"])
+
+
 def test_dump_then_load_is_identity(tmp_path):
-    cfg = load_config(TINY, ["optim.lr=1e-6", "optim.adam_eps=1e-12", "algorithm.clip_high=0.3"])
+    cfg = load_config(TINY, ["optim.lr=1e-6", "optim.adam_eps=1e-12", "algorithm.clip_high=0.3",
+                             "stages.rlvr.algorithm.loss=dapo"])
     path = dump_config(cfg, tmp_path / "sub" / "config.yaml")
     assert path.is_file()
     assert load_config(path, []) == cfg
@@ -260,12 +291,16 @@ def test_every_schema_field_is_in_the_tiny_example():
     """tiny.yaml is documented as the complete reference; keep it so when fields are added."""
     import yaml
 
+    from megatron_prism.config.schema import STAGE_SECTIONS
+
     written = yaml.safe_load(TINY.read_text())
     full = config_to_dict(load_config(TINY, []))
     for section, values in full.items():
         if section == "stages":
             for name, stage in values.items():
-                assert set(stage) - {"name"} == set(written["stages"][name]), name
+                # (a section a stage does not read is left out: writing it there is refused)
+                unread = {sec for sec, readers in STAGE_SECTIONS.items() if name not in readers}
+                assert set(stage) - {"name"} - unread == set(written["stages"][name]), name
         else:
             assert set(values) == set(written[section]), section
     assert {f.name for f in dataclasses.fields(PrismConfig)} == set(written)

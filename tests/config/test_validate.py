@@ -77,12 +77,24 @@ CASES = [
     ("algorithm.reward_shaping=dapo_overlong", "algorithm.overlong_buffer", "needs a buffer in (0,"),
     ("discriminator.topk=5", "discriminator.topk", "[1, discriminator.num_experts=4]"),
     ("discriminator.head_dropout=1.0", "discriminator.head_dropout", "must lie in [0, 1)"),
+    ("discriminator.micro_batch_pairs=0", "discriminator.micro_batch_pairs", "must be at least 1"),
     ("align.samples_per_prompt=1", "align.samples_per_prompt", "must be at least 2"),
     ("model.hf_dir=/nothere", "model.hf_dir", "has no config.json"),
     ("model.megatron_dir=/tmp", "model.megatron_dir", "not a megatron_prism checkpoint"),
     ("discriminator.hf_dir=/nothere", "discriminator.hf_dir", "has no config.json"),
     ("data.root=/nothere", "data.root", "is not a directory"),
     ("stages.rlvr.data_path=/nothere/rl.jsonl", "stages.rlvr.data_path", "does not exist"),
+    # per-stage sections: only under a stage that reads them, only its keys, by the run-wide rules
+    ("stages.sft.algorithm.loss=gspo", "stages.sft.algorithm", "stage sft does not read the algorithm section"),
+    ("stages.warmup.optim.warmup_steps=1", "stages.warmup.optim", "stage warmup does not read the optim section"),
+    ("stages.align.optim.lr=1e-3", "stages.align.optim.lr", "the stage's learning rate is stages.align.lr"),
+    ("stages.align.algorithm.reward=exact", "stages.align.algorithm.reward", "set it run-wide as algorithm.reward"),
+    ("stages.align.rollout.n=4", "stages.align.rollout.n", "set it run-wide as rollout.n"),
+    ("stages.rlvr.algorithm.loss=gspoo", "stages.rlvr.algorithm.loss", "did you mean 'gspo'?"),
+    ("stages.rlvr.algorithm.clip_low=1.5", "stages.rlvr.algorithm.clip_low", "must lie in (0, 1)"),
+    ("stages.align.rollout.max_new_tokens=256", "stages.align.rollout.max_new_tokens", "leaves no room for the prompt"),
+    ("stages.align.optim.warmup_steps=10", "stages.align.optim.warmup_steps",
+     "is not shorter than stage align's 10 optimizer step(s)"),
 ]
 
 
@@ -97,6 +109,14 @@ def test_each_rule_names_its_key_the_override_and_the_fix(override, key, fix):
     assert line.startswith((f"key '{key}' in override '{override}' (config {TINY})", f"key '{key}' in {TINY}")), line
     assert override in line
     assert fix in line, line
+
+
+def test_a_warm_up_a_stage_inherits_is_named_where_it_was_set_with_the_stage_key_as_the_fix():
+    (line,) = _problems(["stages.rlvr.steps=5"])
+    assert line.startswith(f"key 'optim.warmup_steps' in {TINY} is 10: is not shorter than stage rlvr's 5 "), line
+    assert "set stages.rlvr.optim.warmup_steps below 5" in line
+    # counted in optimizer updates: 5 steps x 2 PPO epochs x 1 mini-batch = 10 updates, so 5 fits
+    assert _problems(["stages.rlvr.steps=5", "stages.rlvr.optim.warmup_steps=5", "stages.rlvr.algorithm.ppo_epochs=2"]) == []
 
 
 def test_a_rule_broken_in_the_file_names_the_file(tmp_path):

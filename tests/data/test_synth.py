@@ -267,3 +267,49 @@ def test_sft_teacher_slips_are_wrong_answers_after_right_reasoning(records: dict
         think = parts(rec.response)[1]
         assert re.search(rf"\b{re.escape(right)}\b", think), (rec.id, think)  # the reasoning reached the truth
     assert not any("teacher_slip" in r.meta for split in ("align", "rl", "eval") for r in records[split])
+
+
+def test_mechanism_readouts_see_the_teachers_slips_and_a_wrong_caption(records: dict[str, list]) -> None:
+    """readouts.mechanism_rates on the teacher's own demonstrations: every SFT slip and nothing else
+    is a slip, every caption is faithful; a caption naming another colour, or an answer the think
+    did not reach, is caught; records without a scene give no readout."""
+    from megatron_prism.data.synth.readouts import is_slip, mechanism_rates
+
+    for split in ("sft", "align"):
+        recs = records[split]
+        got = mechanism_rates([r.response for r in recs], recs)
+        slips = sum("teacher_slip" in r.meta for r in recs) / len(recs)
+        assert got == {"eval/slip_rate": slips, "eval/caption_error_rate": 0.0,
+                       "eval/readout_responses": float(len(recs))}, split
+        for r in recs:
+            p = parts(r.response)
+            assert is_slip(p[1], p[2]) == ("teacher_slip" in r.meta), r.response
+    recs = [r for r in records["align"] if "teacher_slip" not in r.meta][:20]
+    colors = ("red", "green", "blue", "yellow")
+    swapped = []
+    for r in recs:
+        cap, think, ans = parts(r.response)
+        word = next(c for c in colors if c in cap) if any(c in cap for c in colors) else None
+        bad_cap = cap.replace(word, next(c for c in colors if c != word), 1) if word else cap + " 9"
+        swapped.append(f"<caption>{bad_cap}</caption><think>{think}</think><answer>{ans}</answer>")
+    assert mechanism_rates(swapped, recs)["eval/caption_error_rate"] == 1.0
+    flipped = [r.response.replace(f"<answer>{r.answer}</answer>", "<answer>banana</answer>") for r in recs]
+    assert mechanism_rates(flipped, recs)["eval/slip_rate"] == 1.0
+    assert mechanism_rates(["no parts"] * len(recs), recs)["eval/readout_responses"] == 0.0
+    assert mechanism_rates([r.response for r in recs], [type("R", (), {"meta": {}, "answer": "1"})()] * len(recs)) == {}
+
+
+def test_report_md_shows_the_readouts_before_and_after_each_stage() -> None:
+    from megatron_prism.pipeline import readout_table
+    from megatron_prism.training.loop import StageResult
+
+    def figures(slip: float, cap: float) -> dict:
+        return {"eval/slip_rate": slip, "eval/caption_error_rate": cap, "eval/readout_responses": 700.0}
+
+    results = [StageResult("sft", None, 3, 1.0, {"eval_before": {}, "eval_after": figures(0.3, 0.25)}),
+               StageResult("warmup", None, 2, 1.0, {}),
+               StageResult("align", None, 2, 1.0, {"eval_before": figures(0.3, 0.25), "eval_after": figures(0.1, 0.125)})]
+    rows = readout_table(results)
+    assert rows[-2:] == ["| sft | - -> 0.300 | - -> 0.250 | - -> 700.000 |",
+                         "| align | 0.300 -> 0.100 | 0.250 -> 0.125 | 700.000 -> 700.000 |"]
+    assert readout_table(results[1:2]) == []

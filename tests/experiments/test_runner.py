@@ -29,7 +29,9 @@ TINY = ROOT / "examples" / "configs" / "tiny.yaml"
 
 def test_arms_are_registered_and_parsed():
     assert set(ARMS.names()) == {"baseline", "prism", "align-data-as-sft", "dense-disc", "text-only-disc",
-                                 "dedicated-experts"}
+                                 "dedicated-experts", "rl-on-align-prompts"}
+    control = ARMS.get("rl-on-align-prompts")
+    assert "align.policy_reward=verifiable" in control.overrides and "stages.warmup.enabled=false" in control.overrides
     assert [a.name for a in parse_arms("baseline, prism")] == ["baseline", "prism"]
     assert "stages.align.enabled=false" in ARMS.get("baseline").overrides
     assert ARMS.get("align-data-as-sft").sft_splits == ("sft", "align")
@@ -118,26 +120,41 @@ SHORT = ["run.logger=none", "data.synth_sizes=sft=40,align=8,rl=16,eval=8", "sta
          "stages.rlvr.steps=1", "stages.rlvr.global_batch_size=2", "stages.rlvr.save_every=1",
          "stages.rlvr.eval_every=0", "rollout.n=2", "rollout.max_new_tokens=32", "stages.eval.enabled=false",
          "optim.warmup_steps=0"]
+# the same-compute control's ALIGN stage, as short as the rest
+CONTROL = ["stages.align.steps=1", "stages.align.global_batch_size=2", "stages.align.save_every=1",
+           "stages.align.eval_every=0", "align.samples_per_prompt=2"]
 
 
-def test_baseline_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_experiment_end_to_end_shares_sft_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "exp"
-    spec = ExperimentSpec(config=TINY, arms=parse_arms("baseline"), seeds=2, out=out, overrides=SHORT, k=2,
+    arms = parse_arms("baseline,rl-on-align-prompts")
+    spec = ExperimentSpec(config=TINY, arms=arms, seeds=1, out=out, overrides=[*SHORT, *CONTROL], k=2,
                           temperature=1.0, timeout=600)
     js, md = run_experiment(spec)
     report = json.loads(js.read_text())
-    assert report["arms"] == ["baseline"] and report["seeds"] == [0, 1] and report["benchmarks"] == ["heldout"]
-    for seed in (0, 1):
-        run = out / "baseline" / f"seed{seed}"
+    assert report["arms"] == ["baseline", "rl-on-align-prompts"] and report["seeds"] == [0]
+    assert report["benchmarks"] == ["heldout"]
+    for arm in ("baseline", "rl-on-align-prompts"):
+        run = out / arm / "seed0"
         ev = json.loads((run / "eval_report.json").read_text())
         assert ev["k"] == 2 and len(ev["benchmarks"]["heldout"]["items"]) == 8
-        assert (run / "report.json").is_file() and f"run.seed={1234 + seed}" in \
+        assert (run / "report.json").is_file() and "run.seed=1234" in \
             json.loads((run / "experiment_run.json").read_text())["overrides"]
+    # the two arms share SFT: it ran once (the baseline's run), the control found it finished
+    logs = {arm: (out / arm / "seed0" / "prism_run.log").read_text() for arm in ("baseline", "rl-on-align-prompts")}
+    assert logs["baseline"].count("[prism] stage sft: starting") == 1
+    assert logs["rl-on-align-prompts"].count("[prism] stage sft: starting") == 0
+    assert "stage sft: already finished, skipped" in logs["rl-on-align-prompts"]
+    (shared,) = (out / "shared").glob("sft-*")
+    for arm in ("baseline", "rl-on-align-prompts"):
+        sft = [s for s in json.loads((out / arm / "seed0" / "report.json").read_text())["stages"] if s["stage"] == "sft"]
+        assert sft[0]["checkpoint"].startswith(str(shared))
     assert 0.0 <= report["summary"]["baseline"]["heldout"]["mean"] <= 1.0
     assert "baseline" in md.read_text()
     # resumed: every run is reused, nothing is re-run or re-evaluated
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("baseline/seed*/eval_report.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/eval_report.json")}
+    assert len(stamps) == 2
     run_experiment(spec)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # the same directory with other settings is refused
@@ -145,3 +162,34 @@ def test_baseline_experiment_end_to_end_and_resume(tmp_path, monkeypatch):
                              overrides=[*SHORT, "stages.sft.steps=3"], k=2, temperature=1.0)
     with pytest.raises(ExperimentError, match="different settings"):
         run_experiment(changed)
+
+
+def test_prefix_keys_share_a_stage_exactly_where_arms_run_it_alike(tmp_path):
+    from megatron_prism.config import load_config
+    from megatron_prism.experiments.arms import ALGORITHMS, ARMS
+    from megatron_prism.experiments.shared import prefix_key, shared_stage_overrides
+
+    for split in ("sft", "align", "eval"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "part.jsonl").write_text('{"id": "x"}\n')
+
+    def key(arm: str, stage: str = "sft", *extra: str) -> str:
+        cfg = load_config(TINY, [*ARMS.get(arm).overrides, *extra, f"data.root={tmp_path}"])
+        return prefix_key(cfg, stage, tmp_path)
+
+    sft = key("baseline")
+    assert key("prism") == key("rl-on-align-prompts") == key("dense-disc") == sft
+    assert key("baseline", "sft", *ALGORITHMS["gspo"]) == sft  # the RL variant reaches RLVR only
+    assert key("baseline", "sft", "stages.rlvr.lr=1e-3", "align.caption_weight=0.3") == sft  # later stages
+    for changed in ("run.seed=1", "stages.sft.lr=1e-3", "stages.sft.optim.warmup_steps=3", "data.max_seq_len=200",
+                    f"stages.sft.data_path={tmp_path / 'sft'}"):  # align-data-as-sft's merged split is a data_path
+        assert key("baseline", "sft", changed) != sft, changed
+    warm = key("prism", "warmup")
+    assert warm != sft and key("text-only-disc", "warmup") != warm and key("dense-disc", "warmup") != warm
+    assert key("prism", "warmup", "stages.align.lr=1e-3", *ALGORITHMS["dapo"]) == warm
+    assert key("prism", "warmup", "stages.sft.steps=301") != warm  # a different SFT under it
+    (tmp_path / "sft" / "part.jsonl").write_text('{"id": "x"}\n{"id": "y"}\n')  # other data, same path
+    assert key("baseline") != sft
+    cfg = load_config(TINY, [*ARMS.get("baseline").overrides, f"data.root={tmp_path}"])
+    (line,) = shared_stage_overrides(cfg, tmp_path, tmp_path / "shared")  # warmup is disabled in the baseline
+    assert line.startswith(f"stages.sft.output_dir={tmp_path / 'shared'}/sft-")

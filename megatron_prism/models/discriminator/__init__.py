@@ -4,7 +4,8 @@ spec.py        DiscriminatorSpec (mode, experts, top-k, aux loss, router noise),
 router.py      PartAwareRouter: megatron's TopKRouter + per-token parts (dedicated groups, load stats)
 model.py       Qwen3VLDiscriminator: the policy backbone without LM head + score head -> [b, 2]
 mapping.py     parameter names/shapes (experts, router, head) for the reshardable checkpoint format
-upcycle.py     dense MLP -> experts, router/head init
+upcycle.py     dense MLP -> experts (+ PRISM's expert noise), router/head init
+load_balance.py PRISM's (HF's) load-balancing coefficient -> megatron's per-layer one
 manifest.py    what marks a checkpoint as a discriminator (its manifest block)
 checkpoint.py  open / write (upcycle) / save (from a trained model) discriminator checkpoints
 build.py       build_discriminator

@@ -74,7 +74,8 @@ def build_discriminator(
     options = LayoutOptions(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sequence_parallel, dtype=dtype,
                             recompute=recompute, backend="local")
     config = transformer_config(hf_config, options)
-    config = dataclasses.replace(config, **moe_config_fields(spec, hf_config.text_config.intermediate_size, ep))
+    config = dataclasses.replace(config, **moe_config_fields(spec, hf_config.text_config.intermediate_size, ep,
+                                                          hf_config.text_config.num_hidden_layers))
     chunks = vpp or 1
     models = []
     for vp_stage in range(chunks):

@@ -21,10 +21,11 @@ def upcycle_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=MODES, default="routed")
     parser.add_argument("--perception-experts", type=int, default=None,
                         help="dedicated mode: experts serving caption tokens (default experts // 2)")
-    parser.add_argument("--aux-loss-coeff", type=float, default=0.01, help="load-balancing loss weight (PRISM: 0.01)")
-    parser.add_argument("--router-jitter", type=float, default=0.01, help="router input noise eps (0 = off)")
-    parser.add_argument("--expert-noise", type=float, default=0.0,
-                        help="std of noise added to expert copies (PRISM's 0.01; 0 keeps the dense function)")
+    parser.add_argument("--aux-loss-coeff", type=float, default=0.01, help="load-balancing loss weight as PRISM (Hugging Face) means it: 0.01; converted to megatron's per-layer loss")
+    parser.add_argument("--router-jitter", type=float, default=0.0,
+                        help="router input noise eps (0 = off, as PRISM's router)")
+    parser.add_argument("--expert-noise", type=float, default=0.01,
+                        help="std of noise added to each expert copy (PRISM's 0.01; 0 keeps the dense function)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the router and score-head init")
     args = parser.parse_args(argv)
     from megatron_prism.models.discriminator.checkpoint import upcycle_to_checkpoint

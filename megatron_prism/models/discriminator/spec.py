@@ -18,13 +18,14 @@ Modes (``DiscriminatorSpec.mode``):
   pad tokens (:mod:`.batch`); the checkpoint is the same as ``routed``.
 
 PRISM's numbers (its moe/create_vl_moe.py and warm-up scripts) are the defaults: 4 experts, top-2,
-aux loss 0.01, router init N(0, 0.02), noise 0.01, score head dropout 0.1 + linear N(0, 0.02).
-Where we differ: PRISM's "noise 0.01" is Gaussian noise of std 0.01 *added to every expert's
-weights* at upcycling, which for weights of std ~0.02 is a ~50% perturbation that destroys the
-dense function the upcycling is meant to keep. We keep exact copies by default (``expert_noise=0``,
-so the MoE equals the dense model at init) and put the noise where megatron puts router noise, on
-the router input (``router_jitter``, multiplicative U(1-eps, 1+eps)); the routed experts diverge
-anyway because each sees different tokens. ``expert_noise`` remains available to reproduce PRISM.
+aux loss 0.01 (as Hugging Face means it, converted for megatron: :mod:`.load_balance`), router init
+N(0, 0.02) and no router noise, expert noise 0.01 (Gaussian, std 0.01, added once to every expert's
+copy of the dense MLP weights at upcycling, :mod:`.upcycle`), score head dropout 0.1 + linear
+N(0, 0.02). The noise is a sizeable perturbation of weights of std ~0.02, and it is PRISM's choice:
+it breaks the symmetry between experts, so this project reproduces it (``expert_noise``; ``0``
+keeps exact copies, for which the MoE equals the dense model at init). megatron's router input
+jitter (``router_jitter``, multiplicative U(1-eps, 1+eps)) stays available for ablations, off by
+default as PRISM's router has none.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class DiscriminatorSpec:
     experts: int = 4
     topk: int = 2
     perception_experts: int | None = None  # dedicated: size of the caption group (default E // 2)
-    aux_loss_coeff: float = 0.01
-    router_jitter: float = 0.01  # megatron moe_input_jitter_eps; 0 disables
+    aux_loss_coeff: float = 0.01  # PRISM's router_aux_loss_coef (HF's meaning; see load_balance.py)
+    router_jitter: float = 0.0  # megatron moe_input_jitter_eps; 0 (PRISM: no router noise) disables
     dispatcher: str = "alltoall"  # alltoall | allgather
 
     def __post_init__(self) -> None:
@@ -109,8 +110,12 @@ def discriminator_layer_spec(spec: DiscriminatorSpec) -> ModuleSpec:
     return layer
 
 
-def moe_config_fields(spec: DiscriminatorSpec, ffn_hidden_size: int, ep: int) -> dict[str, Any]:
-    """TransformerConfig fields of the MoE (empty for the dense mode)."""
+def moe_config_fields(spec: DiscriminatorSpec, ffn_hidden_size: int, ep: int, num_layers: int) -> dict[str, Any]:
+    """TransformerConfig fields of the MoE (empty for the dense mode). ``spec.aux_loss_coeff`` is
+    PRISM's (Hugging Face's) coefficient; megatron's per-layer one is converted from it
+    (:func:`~megatron_prism.models.discriminator.load_balance.megatron_aux_loss_coeff`)."""
+    from megatron_prism.models.discriminator.load_balance import megatron_aux_loss_coeff
+
     if not spec.is_moe:
         return {}
     return dict(
@@ -118,7 +123,7 @@ def moe_config_fields(spec: DiscriminatorSpec, ffn_hidden_size: int, ep: int) ->
         moe_router_topk=spec.topk,
         moe_ffn_hidden_size=ffn_hidden_size,
         moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=spec.aux_loss_coeff,
+        moe_aux_loss_coeff=megatron_aux_loss_coeff(spec.aux_loss_coeff, num_layers, spec.topk),
         moe_input_jitter_eps=spec.router_jitter or None,
         moe_router_pre_softmax=False,  # softmax over the top-k: weights sum to 1, as Qwen3-MoE's norm_topk_prob
         moe_router_dtype="fp32",

@@ -1,10 +1,16 @@
 """Upcycling a dense Qwen3-VL backbone into the discriminator's weights (sparse upcycling).
 
-Every expert of layer i starts as an exact copy of layer i's dense SwiGLU MLP (gate, up, down), the
-router starts N(0, 0.02) as megatron's ``init_method`` (and PRISM) would, and the score head
-N(0, 0.02). With exact copies and the top-k weights summing to one (softmax over the top-k), the
-MoE layer computes the dense MLP whatever the router does, so the upcycled model *is* the dense
-model at init (tested).
+Every expert of layer i starts as a copy of layer i's dense SwiGLU MLP (gate, up, down) plus
+Gaussian noise of std ``expert_noise``, drawn once per expert and tensor; the router starts
+N(0, 0.02) and the score head N(0, 0.02). That is PRISM's upcycling (``moe/create_vl_moe.py``
+``upcycle_qwen3_vl_to_moe``: ``param[expert_idx].copy_(dense)`` then
+``param[expert_idx].add_(torch.randn_like(...) * noise_std)`` for ``gate_up_proj`` and ``down_proj``,
+``nn.init.normal_(router, 0, 0.02)``; ``scripts/train/moe_warmup/create_moe.sh`` ``NOISE_STD=0.01``);
+the noise breaks the symmetry between experts, and the router itself adds none. A dense
+discriminator (``mode: dense``) gets the same noise on its one MLP, so dense and MoE arms start
+from the same perturbation of the backbone. With ``expert_noise=0`` the copies are exact, and with
+the top-k weights summing to one (softmax over the top-k) the MoE layer computes the dense MLP
+whatever the router does: the upcycled model *is* the dense model at init (tested).
 
 megatron-core ships ``upcycling_utils.upcycle_state_dict(moe_model, dense_model)``; at granularity 1
 and without pre-softmax routing it does the same arithmetic (copy fc1/fc2 into every local expert,
@@ -32,6 +38,12 @@ from megatron_prism.models.errors import CheckpointError
 
 INIT_STD = 0.02
 _EXPERT_PART = {"gate_proj": 0, "up_proj": 1, "down_proj": 0}
+
+
+def _is_dense_lm_mlp(name: str) -> bool:
+    """A language-model layer's dense MLP weight (the vision tower's MLPs are not upcycled)."""
+    return name.startswith("model.language_model.layers.") and name.endswith(
+        (".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight"))
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -71,11 +83,16 @@ class UpcycleSource:
             layer = int(parts[parts.index("layers") + 1])
             which = "linear_fc2" if parts[-2] == "down_proj" else "linear_fc1"
             dense = self._dense(dense_mlp_hf_names(layer)[which][_EXPERT_PART[parts[-2]]])
-            if self.expert_noise:
-                noise = torch.randn(dense.shape, generator=_generator(self.seed, name)) * self.expert_noise
-                dense = (dense.float() + noise).to(dense.dtype)
-            return dense
+            return self._noisy(dense, name)
+        if not self.spec.is_moe and _is_dense_lm_mlp(name):  # dense mode: the one MLP, noised alike
+            return self._noisy(self._dense(name), name)
         return self._dense(name)
+
+    def _noisy(self, dense: torch.Tensor, name: str) -> torch.Tensor:
+        if not self.expert_noise:
+            return dense
+        noise = torch.randn(dense.shape, generator=_generator(self.seed, name)) * self.expert_noise
+        return (dense.float() + noise).to(dense.dtype)
 
     def shard(self, m: ParamMap, tp_rank: int, tp_size: int) -> torch.Tensor:
         return m.shard([self.get(n) for n in m.hf], tp_rank, tp_size)

@@ -156,3 +156,27 @@ def test_upcycle_tool(tiny_dirs, tmp_path):
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert lines[-1].startswith("error: ") and needle in lines[-1], lines
         assert not (tmp_path / "x").exists()
+
+
+def test_every_mode_gets_prisms_upcycling_noise(tiny_dirs):
+    """PRISM's create_vl_moe.py: each expert = dense MLP + N(0, noise_std), drawn once per expert;
+    the dense mode's one MLP gets the same noise, so arms differ in routing only. Attention,
+    norms and the vision tower are copied exactly."""
+    from megatron_prism.models.discriminator.mapping import dense_mlp_hf_names, expert_hf_names
+    from megatron_prism.models.discriminator.upcycle import UpcycleSource, backbone_source
+
+    cfg, dense, _ = backbone_source(tiny_dirs["a"])
+    plain = UpcycleSource(dense, cfg, DiscriminatorSpec(mode="dense"), seed=3)
+    std = 0.01
+    gate = dense_mlp_hf_names(1)["linear_fc1"][0]
+    attn = "model.language_model.layers.1.self_attn.q_proj.weight"
+    original = plain.get(gate).double()
+    for mode in ("routed", "dense"):
+        source = UpcycleSource(dense, cfg, DiscriminatorSpec(mode=mode), seed=3, expert_noise=std)
+        names = [expert_hf_names(1, e)["linear_fc1"][0] for e in range(4)] if mode == "routed" else [gate]
+        deltas = [source.get(n).double() - original for n in names]
+        for d in deltas:
+            assert abs(float(d.std()) / std - 1) < 0.1 and abs(float(d.mean())) < 3 * std / d.numel() ** 0.5, mode
+        if mode == "routed":
+            assert float((deltas[0] - deltas[1]).abs().max()) > std  # the experts differ from each other
+        assert torch.equal(source.get(attn), plain.get(attn)), mode

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from disc_cases import CAP_, IMG, VISION, batch, items, tiny_finder
+from disc_cases import CAP_, IMG, REPO, VISION, batch, items, tiny_finder
 
 from megatron_prism.models.discriminator import PartFinder, ScoreItem, build_discriminator, make_score_batch
 from megatron_prism.models.discriminator.router import CAPTION, PAD, PROMPT, REASONING
@@ -132,3 +132,33 @@ def test_isolated_parts_equal_prism_separate_forwards(disc_ckpt):
     with torch.no_grad():
         other = model(joint.input_ids, **joint.model_inputs())
     assert torch.allclose(other[:, 0], scores[:, 0], atol=1e-5) and not torch.allclose(other[:, 1], scores[:, 1])
+
+
+@pytest.mark.parametrize("mode", ["routed", "dedicated"])
+def test_batched_scores_equal_one_pair_at_a_time(disc_ckpt, mode):
+    """Scoring in micro-batches (rows of different lengths and images right-padded together) gives
+    each row the score it gets alone, to float32 rounding (1e-5 of the score's magnitude): padding
+    sits after every score position (causal), and top-k routing is per token with no capacity limit."""
+    rows = items(seed=3) + items(seed=4)  # 8 rows: images of different grids, text only, malformed ones
+    finder = tiny_finder()
+    model = build_discriminator(disc_ckpt, mode=mode, head_dropout=0.0, router_jitter=0.0).eval()
+    together = make_score_batch(rows, finder, VISION, pad_id=0)
+    with torch.no_grad():
+        batched = model(together.input_ids, **together.model_inputs())
+        alone = torch.cat([model(b.input_ids, **b.model_inputs()) for b in
+                           (make_score_batch([r], finder, VISION, pad_id=0) for r in rows)])
+    valid = together.valid
+    assert valid.sum() == 6 and batched.dtype == torch.float32
+    torch.testing.assert_close(batched[valid], alone[valid], rtol=1e-5, atol=1e-5 * float(alone.abs().max()))
+
+
+def test_pairs_per_micro_batch_divides_a_ranks_pairs():
+    from megatron_prism.config import load_config
+    from megatron_prism.stages.discriminator_common import pairs_per_micro_batch
+
+    tiny = load_config(REPO / "examples" / "configs" / "tiny.yaml", [])
+    assert tiny.discriminator.micro_batch_pairs == 16
+    assert [pairs_per_micro_batch(tiny, n) for n in (64, 16, 48, 40, 7, 3)] == [16, 16, 16, 10, 7, 3]
+    policy_mbs = load_config(REPO / "examples" / "configs" / "tiny.yaml",
+                             ["discriminator.micro_batch_pairs=null", "parallel.micro_batch_size=4"])
+    assert pairs_per_micro_batch(policy_mbs, 64) == 4
