@@ -24,7 +24,6 @@ SHORT = ["run.logger=none", "data.synth_sizes=sft=24,align=4,rl=8,eval=4", "stag
          "stages.sft.global_batch_size=4", "stages.sft.eval_every=0", "stages.rlvr.steps=1",
          "stages.rlvr.global_batch_size=2", "stages.rlvr.eval_every=0", "rollout.n=2", "rollout.max_new_tokens=16",
          "parallel.micro_batch_size=4", "optim.warmup_steps=0"]  # (a warm-up as long as a stage is refused)
-NO_GAME = ["stages.warmup.enabled=false", "stages.align.enabled=false"]
 
 
 def _prism(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -35,14 +34,20 @@ def _prism(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     )
 
 
-def test_run_writes_resolved_config_walks_stages_and_reports(tmp_path):
+def test_run_walks_every_stage_hands_the_discriminator_on_and_reports(tmp_path):
+    """One ``prism run`` of the whole pipeline, a few steps each (SFT -> WARMUP -> ALIGN -> RLVR ->
+    EVAL): the resolved config, the report and its curves, one greppable log line per step, ALIGN
+    starting from WARMUP's discriminator and ending with a policy checkpoint and a discriminator of
+    its own; then the same command again runs nothing twice."""
     out_dir = tmp_path / "run"
-    overrides = [f"run.output_dir={out_dir}", "optim.lr=1e-6", *SHORT, *NO_GAME]
-    proc = _prism("run", str(TINY), *overrides, timeout=300)
+    game = ["data.synth_sizes=sft=24,align=20,rl=8,eval=4", "stages.warmup.steps=2",
+            "stages.warmup.global_batch_size=4", "stages.align.steps=2", "stages.align.global_batch_size=2",
+            "stages.align.eval_every=0", "stages.align.save_every=1", "align.samples_per_prompt=2"]
+    overrides = [f"run.output_dir={out_dir}", "optim.lr=1e-6", *SHORT, *game]
+    proc = _prism("run", str(TINY), *overrides, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     started = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[prism] stage ")]
-    assert started == ["[prism] stage sft", "[prism] stage rlvr", "[prism] stage eval"]
-    assert "stages disabled or absent: warmup, align" in proc.stdout
+    assert started == [f"[prism] stage {s}" for s in ("sft", "warmup", "align", "rlvr", "eval")]
     assert f"[prism] report: {out_dir / 'report.md'} and {out_dir / 'report.json'}" in proc.stdout
 
     written = yaml.safe_load((out_dir / "config.yaml").read_text())
@@ -52,59 +57,46 @@ def test_run_writes_resolved_config_walks_stages_and_reports(tmp_path):
     assert load_config(out_dir / "config.yaml", []) == load_config(TINY, overrides)
 
     report = json.loads((out_dir / "report.json").read_text())
-    assert [s["stage"] for s in report["stages"]] == ["sft", "rlvr", "eval"]
-    assert [s["steps"] for s in report["stages"][:2]] == [2, 1]
+    assert [s["stage"] for s in report["stages"]] == ["sft", "warmup", "align", "rlvr", "eval"]
+    assert [s["steps"] for s in report["stages"][:4]] == [2, 2, 2, 1]
     md = (out_dir / "report.md").read_text()
     assert all(f"| {name} |" in md for name in ("sft", "rlvr", "eval"))
     # the curves embedded in the report; one greppable line per stage in a log (stderr is not a terminal)
     assert "![curves](plots/curves.png)" in md and (out_dir / "plots" / "curves.png").is_file()
     assert re.search(r"^\[sft\] step 1/2 loss \S+ grad \S+ lr \S+ tok/s \d+ eta \d+s$", proc.stderr, re.M), proc.stderr
     assert re.search(r"^\[rlvr\] step 1/1 loss \S+ reward \S+ acc \S+ .* done in \d+s$", proc.stderr, re.M)
-    for name in ("sft", "rlvr"):
+    for name in ("sft", "warmup", "align", "rlvr"):
         assert (out_dir / name / "result.json").is_file()
     steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     rlvr_steps = [rec for rec in steps if rec["stage"] == "rlvr"]
     assert rlvr_steps and all(k in rlvr_steps[0] for k in ("reward/mean", "reward/accuracy", "throughput/tokens_per_s", "time/rollout_s"))
 
-    # The same command again: every stage is finished, nothing runs twice.
-    again = _prism("run", str(TINY), *overrides, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("already finished, skipped") == 3
-
-
-def test_run_with_warmup_and_align_hands_the_discriminator_on(tmp_path):
-    """SFT -> WARMUP -> ALIGN -> EVAL, a few steps each: ALIGN starts from WARMUP's discriminator
-    and ends with a policy checkpoint and a discriminator of its own."""
-    out_dir = tmp_path / "run"
-    game = ["data.synth_sizes=sft=24,align=20,rl=8,eval=4", "stages.rlvr.enabled=false", "stages.warmup.steps=2",
-            "stages.warmup.global_batch_size=4", "stages.align.steps=2", "stages.align.global_batch_size=2",
-            "stages.align.eval_every=0", "stages.align.save_every=1", "align.samples_per_prompt=2"]
-    proc = _prism("run", str(TINY), f"run.output_dir={out_dir}", *SHORT, *game, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    started = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[prism] stage ")]
-    assert started == ["[prism] stage sft", "[prism] stage warmup", "[prism] stage align", "[prism] stage eval"]
-    report = json.loads((out_dir / "report.json").read_text())
+    # The game: WARMUP trains the discriminator only; ALIGN starts from it.
     by_stage = {s["stage"]: s for s in report["stages"]}
     sft_ckpt = by_stage["sft"]["checkpoint"]
     warm, align = by_stage["warmup"], by_stage["align"]
-    assert warm["checkpoint"] == sft_ckpt  # WARMUP trains the discriminator only
+    assert warm["checkpoint"] == sft_ckpt
     warm_disc = warm["metrics"]["artifacts"]["discriminator"]
     assert align["metrics"]["final"] and "disc/caption/acc" in align["metrics"]["final"]
     assert json.loads((out_dir / "align" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())[
         "extra"]["disc_start"] == warm_disc
     assert align["checkpoint"].startswith(str(out_dir / "align" / "checkpoints"))
+    assert by_stage["rlvr"]["checkpoint"].startswith(str(out_dir / "rlvr" / "checkpoints"))
     from megatron_prism.models.discriminator import is_discriminator_checkpoint
 
     assert is_discriminator_checkpoint(warm_disc) and is_discriminator_checkpoint(align["metrics"]["artifacts"]["discriminator"])
-    steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     align_steps = [r for r in steps if r["stage"] == "align" and "disc/invalid_rate" in r]
     assert [r["step"] for r in align_steps] == [1, 2]
     assert all(k in align_steps[0] for k in ("disc/grad_norm", "moe/max_over_mean_load", "advantage/mean", "loss"))
-    md = (out_dir / "report.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in md.splitlines()[md.splitlines().index(
         "| stage | caption acc | reasoning acc | caption gap | reasoning gap | invalid rate | game objective |"):]
         if line.startswith("| ") and "->" in line}
     assert set(rows) == {"warmup", "align"} and "nan" not in rows["warmup"] + rows["align"]
+
+    # The same command again: every stage is finished, nothing runs twice.
+    again = _prism("run", str(TINY), *overrides, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already finished, skipped") == 5
 
 
 def test_unknown_stage_is_one_line_before_anything_runs(tmp_path):
@@ -181,6 +173,7 @@ def test_same_compute_control_runs_align_with_the_verifiable_reward(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     started = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("[prism] stage ")]
     assert started == ["[prism] stage sft", "[prism] stage align"]
+    assert "stages disabled or absent: warmup, rlvr, eval" in proc.stdout
     align = {s["stage"]: s for s in json.loads((out_dir / "report.json").read_text())["stages"]}["align"]
     assert align["metrics"]["policy_reward"] == "verifiable" and align["steps"] == 2
     assert not (out_dir / "align" / "disc_checkpoints").exists() and not (out_dir / "align" / "discriminator_init").exists()

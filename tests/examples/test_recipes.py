@@ -153,7 +153,7 @@ def reference_run(slurm, tiny_inputs, tmp_path_factory) -> Path:
     """The uninterrupted reference, through the same script and the same Slurm."""
     ref_out = tmp_path_factory.mktemp("recipe") / "reference"
     ref_job = _submit(slurm, tiny_inputs, ref_out)
-    _wait_state(slurm, ref_job, {"COMPLETED"}, 240, Path(f"{ref_out}.log"))
+    _wait_state(slurm, ref_job, {"COMPLETED"}, 480, Path(f"{ref_out}.log"))
     return ref_out
 
 
@@ -193,7 +193,7 @@ def test_sbatch_requeue_then_usr1_resume_and_report_the_same(slurm, tiny_inputs,
     _wait_for(log, re.compile(r"restart 1:.*: resumed from ", re.S))  # the second instance's trainer runs
     slurm.run("scancel", "--batch", "--signal=USR1", job)
     _release_requeued(slurm, job, log)  # the script requeued itself
-    info = _wait_state(slurm, job, {"COMPLETED"}, 240, log)
+    info = _wait_state(slurm, job, {"COMPLETED"}, 480, log)
     assert int(info.get("Restarts", "0")) >= 2
 
     text = log.read_text()
