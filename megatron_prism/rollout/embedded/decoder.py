@@ -182,7 +182,7 @@ class Decoder:
         - ``[q; k; v; roll(q); roll(k)] * ln1``: the input norm's weight folded into the columns, and
           q/k's rows also rolled by half a head, so the matmul yields the rotary's ``rotate_half``
           operand as well (``roll`` is linear, so ``roll(x @ W^T) = x @ roll_rows(W)^T``);
-        - ``[gate; up] * ln2``;
+        - ``[gate; up] * ln2``, and the LM head times the final norm's weight;
         - the stacked per-head q/k norm weights and their half-rolled copy, folded into each step's
           rotary tables (``rotate(n * w) = n * (w * cos) + roll(n) * (roll(w) * sin)``).
         """
@@ -198,7 +198,8 @@ class Decoder:
                 qkv = torch.cat((lw.qkv, rolled)).mul_(lw.ln1)
                 mats.append((qkv.t(), lw.o.t(), (lw.gate_up * lw.ln2).t(), lw.down.t()))
             w = torch.stack([lw.qk_norm for lw in self.w.layers])[:, None]  # [L, 1, H + K, D]
-            self._cpu_tables = mats, w, w.roll(d // 2, -1), self.w.lm_head.t()
+            # the final norm's weight folded into the LM head's columns as well
+            self._cpu_tables = mats, w, w.roll(d // 2, -1), (self.w.lm_head * self.w.norm).t()
             if self._eps_t is None or self._eps_t.device != w.device:
                 self._eps_t = torch.tensor(self.eps, dtype=torch.float32, device=w.device)
 
@@ -257,7 +258,7 @@ class Decoder:
             if deepstack is not None and i < len(deepstack):
                 x = x.index_add(0, vis_rows, deepstack[i].to(x.dtype))
         last = x.index_select(0, flat_mask.view(b, p).sum(1).cumsum(0).sub_(1))  # prompts end at P - 1
-        return torch.mm(last * self.w.norm, lm_head_t).mul_(self._rms_scale(last))
+        return torch.mm(last, lm_head_t).mul_(self._rms_scale(last))
 
     def _decode_cpu(self, tokens: Tensor, cos: Tensor, sin: Tensor, slot: int, bias: Tensor,
                     kv: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -278,7 +279,8 @@ class Decoder:
         cos_w = (cos[None] * w).unbind(0)  # per layer [R, H + K, D]
         sin_w = (sin[None] * w_rolled).unbind(0)
         x = F.embedding(tokens, self.w.embed)  # [R, h]
-        bias = bias.view(r, 1, 1, s)
+        # [R * K, 1, S]: one copy per step, so that each layer's bias add fuses into baddbmm
+        bias = bias.view(r, 1, s).expand(r, hk, s).reshape(r * hk, 1, s)
         # narrow/select rather than [] indexing: at this size Python's slice parsing is a visible cost
         for (qkv_t, o_t, gate_up_t, down_t), (kc, vc), cw, sw in zip(mats, kv, cos_w, sin_w):
             out = torch.mm(x, qkv_t).mul_(self._rms_scale(x)).view(r, 2 * qk_heads + hk, d)
@@ -288,9 +290,9 @@ class Decoder:
             vc.select(2, slot).copy_(out.narrow(1, qk_heads, hk))
             # [R * K, S, D] views of the cache (a slice along S keeps R and K mergeable)
             keys, values = kc.narrow(2, 0, s).reshape(r * hk, s, d), vc.narrow(2, 0, s).reshape(r * hk, s, d)
-            scores = torch.bmm(qk.narrow(1, 0, hq).reshape(r * hk, g, d), keys.transpose(1, 2)).view(r, hk, g, s)
-            probs = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1)
-            x = torch.addmm(x, torch.bmm(probs.view(r * hk, g, s), values).view(r, hq * d), o_t)
+            scores = torch.baddbmm(bias, qk.narrow(1, 0, hq).reshape(r * hk, g, d), keys.transpose(1, 2),
+                                   alpha=self.scale)
+            x = torch.addmm(x, torch.bmm(torch.softmax(scores, dim=-1), values).view(r, hq * d), o_t)
             gate, up = torch.mm(x, gate_up_t).mul_(self._rms_scale(x)).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate).mul_(up), down_t)
-        return torch.mm(x * self.w.norm, lm_head_t).mul_(self._rms_scale(x))
+        return torch.mm(x, lm_head_t).mul_(self._rms_scale(x))
