@@ -184,12 +184,13 @@ def test_images_encoded_once_per_generate(engines, monkeypatch):
 def test_cpu_vision_tower_matches_hf(engines, monkeypatch, joint):
     """The CPU VisionTower against HF's module on the same parameters, all images in one masked
     attention call (``joint``) and per image; then after in-place weight changes (it must read the
-    module's parameters, not copies). Tolerance: float32 rounding order, 1e-5 absolute."""
+    module's parameters, not copies). A grid with two temporal frames (attended separately,
+    as in HF). Tolerance: float32 rounding order, 1e-5 absolute."""
     from megatron_prism.rollout.embedded import vision
 
     engine = engines["a"]
     monkeypatch.setattr(vision, "JOINT_MAX", 1024 if joint else 0)
-    reqs = [r for r in make_requests(IMAGE_SPECS + [(1, [[1, 4, 4]])], seed=8) if r.pixel_values is not None]
+    reqs = [r for r in make_requests(IMAGE_SPECS + [(1, [[1, 4, 4], [2, 4, 2]])], seed=8) if r.pixel_values is not None]
     pixels = torch.cat([r.pixel_values for r in reqs])
     grid = torch.cat([r.image_grid_thw for r in reqs])
     visual = engine.weights.visual

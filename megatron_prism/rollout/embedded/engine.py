@@ -48,7 +48,8 @@ from megatron_prism.rollout.interface import (
 
 @register_engine("embedded")
 class EmbeddedEngine(RolloutEngine):
-    """Batched Qwen3-VL generation with our own text decoder and HF's vision tower.
+    """Batched Qwen3-VL generation with our own text decoder and HF's vision tower (its module
+    holds the weights; on CPU in float32 :class:`.vision.VisionTower` computes it).
 
     ``model``: a HF directory (config + safetensors), a mapping of HF-named tensors, or None for
     an engine whose weights all come with the first ``update_weights`` (``launch``); with a

@@ -7,9 +7,9 @@ embedding and the module/decorator overhead). This computes the same maths on th
 parameters (read at call time, so ``update_weights`` / release / resume need nothing here):
 
 - the patch embedding's Conv3d (kernel == stride) as one matmul over the flattened patches;
-- attention over *all* images of the call at once, block-diagonal by an additive mask (images
-  never attend to each other, as in HF's ``cu_seqlens`` split), up to :data:`JOINT_MAX` patches;
-  beyond that (the mask grows quadratically) per image, as HF does;
+- attention over *all* images of the call at once, block-diagonal by an additive mask (images,
+  and an image's temporal frames, never attend to each other, as in HF's ``cu_seqlens`` split),
+  up to :data:`JOINT_MAX` patches; beyond that (the mask grows quadratically) per frame, as HF does;
 - ``rotate_half`` as a roll times a signed sine table (one fused ``addcmul``).
 
 The grid-derived tables (position-embedding interpolation taps, rotary angles, ``cu_seqlens``) come
@@ -67,10 +67,10 @@ class VisionTower:
     def _tables(self, grid: Tensor, dtype: torch.dtype):
         per_image = [self._image_tables(tuple(g), grid.device, dtype) for g in grid.tolist()]
         idx, w, cos, sin = (torch.cat(t) if len(per_image) > 1 else t[0] for t in zip(*per_image))
-        sizes = [p[0].shape[0] for p in per_image]
-        cu = [0]
-        for n in sizes:
-            cu.append(cu[-1] + n)
+        cu = [0]  # attention sequences: each temporal frame of each image (HF's get_vision_cu_seqlens)
+        for frames, height, width in grid.tolist():
+            for _ in range(frames):
+                cu.append(cu[-1] + height * width)
         return idx, w, cos[:, None], sin[:, None], cu
 
     def __call__(self, pixels: Tensor, grid: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -101,7 +101,7 @@ class VisionTower:
                 o = torch.bmm(torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=attn.scaling), -1), val)
             elif len(cu) == 2:
                 o = F.scaled_dot_product_attention(q, k, val, scale=attn.scaling)
-            else:  # per image, as HF's non-flash path
+            else:  # per frame, as HF's non-flash path
                 o = torch.cat([F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], val[:, a:b], scale=attn.scaling)
                                for a, b in zip(cu[:-1], cu[1:])], dim=1)
             x = x + F.linear(o.transpose(0, 1).reshape(n, c), attn.proj.weight, attn.proj.bias)
