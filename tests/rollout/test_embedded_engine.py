@@ -172,10 +172,44 @@ def test_top_k_one_is_greedy(engines):
 def test_images_encoded_once_per_generate(engines, monkeypatch):
     engine = engines["a"]
     calls = []
-    forward = engine.weights.visual.forward
-    monkeypatch.setattr(engine.weights.visual, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    # the CPU float32 engine encodes through its own VisionTower, other engines through HF's module
+    owner, name = (engine, "_vision") if engine._vision is not None else (engine.weights.visual, "forward")
+    forward = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or forward(*a, **k))
     engine.generate(make_requests(IMAGE_SPECS, seed=6), SamplingParams(n=4, max_new_tokens=6))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_cpu_vision_tower_matches_hf(engines, monkeypatch, joint):
+    """The CPU VisionTower against HF's module on the same parameters, all images in one masked
+    attention call (``joint``) and per image; then after in-place weight changes (it must read the
+    module's parameters, not copies). A grid with two temporal frames (attended separately,
+    as in HF). Tolerance: float32 rounding order, 1e-5 absolute."""
+    from megatron_prism.rollout.embedded import vision
+
+    engine = engines["a"]
+    monkeypatch.setattr(vision, "JOINT_MAX", 1024 if joint else 0)
+    reqs = [r for r in make_requests(IMAGE_SPECS + [(1, [[1, 4, 4], [2, 4, 2]])], seed=8) if r.pixel_values is not None]
+    pixels = torch.cat([r.pixel_values for r in reqs])
+    grid = torch.cat([r.image_grid_thw for r in reqs])
+    visual = engine.weights.visual
+    saved = {k: v.clone() for k, v in visual.state_dict().items()}
+    try:
+        for changed in (False, True):
+            if changed:
+                with torch.no_grad():
+                    for prm in visual.parameters():
+                        prm.mul_(1.5).add_(0.01)
+            with torch.inference_mode():
+                ref = visual(pixels, grid_thw=grid, return_dict=True)
+                merged, deepstack = engine._vision(pixels, grid)
+            torch.testing.assert_close(merged, ref.pooler_output, atol=1e-5, rtol=0)
+            assert len(deepstack) == len(ref.deepstack_features)
+            for ours, theirs in zip(deepstack, ref.deepstack_features):
+                torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    finally:
+        visual.load_state_dict(saved)
 
 
 def test_update_weights_from_buckets(tmp_path, tiny_dirs, hf_models):

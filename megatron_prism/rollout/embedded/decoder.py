@@ -119,7 +119,7 @@ class Decoder:
         # pads attend only to themselves (finite garbage, never read); real tokens skip the pads
         mask = (causal & (pad_mask[:, None, :] | eye))[:, None]
         if self._cpu_tables is not None:
-            return self._prefill_cpu(x, cos, sin, mask, cache, n, visual_index, deepstack)
+            return self._prefill_cpu(x, cos, sin, mask, cache, n, visual_index, deepstack, pad_mask)
         for i, lw in enumerate(self.w.layers):
             q, k, v = self._qkv(lw, x, cos, sin)
             kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, K, P, D]
@@ -182,7 +182,7 @@ class Decoder:
         - ``[q; k; v; roll(q); roll(k)] * ln1``: the input norm's weight folded into the columns, and
           q/k's rows also rolled by half a head, so the matmul yields the rotary's ``rotate_half``
           operand as well (``roll`` is linear, so ``roll(x @ W^T) = x @ roll_rows(W)^T``);
-        - ``[gate; up] * ln2``;
+        - ``[gate; up] * ln2``, and the LM head times the final norm's weight;
         - the stacked per-head q/k norm weights and their half-rolled copy, folded into each step's
           rotary tables (``rotate(n * w) = n * (w * cos) + roll(n) * (roll(w) * sin)``).
         """
@@ -198,7 +198,8 @@ class Decoder:
                 qkv = torch.cat((lw.qkv, rolled)).mul_(lw.ln1)
                 mats.append((qkv.t(), lw.o.t(), (lw.gate_up * lw.ln2).t(), lw.down.t()))
             w = torch.stack([lw.qk_norm for lw in self.w.layers])[:, None]  # [L, 1, H + K, D]
-            self._cpu_tables = mats, w, w.roll(d // 2, -1), self.w.lm_head.t()
+            # the final norm's weight folded into the LM head's columns as well
+            self._cpu_tables = mats, w, w.roll(d // 2, -1), (self.w.lm_head * self.w.norm).t()
             if self._eps_t is None or self._eps_t.device != w.device:
                 self._eps_t = torch.tensor(self.eps, dtype=torch.float32, device=w.device)
 
@@ -207,38 +208,57 @@ class Decoder:
         self._cpu_tables = None
 
     def _prefill_cpu(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Tensor, n: int,
-                     visual_index: tuple[Tensor, Tensor] | None, deepstack: list[Tensor] | None) -> Tensor:
-        """:meth:`prefill` on :meth:`begin_generate`'s matrices (as :meth:`_decode_cpu`); hidden
-        states flattened to ``[B * P, h]`` rows so the residual adds fuse into ``addmm``."""
+                     visual_index: tuple[Tensor, Tensor] | None, deepstack: list[Tensor] | None,
+                     pad_mask: Tensor) -> Tensor:
+        """:meth:`prefill` on :meth:`begin_generate`'s matrices (as :meth:`_decode_cpu`).
+
+        Token-wise work runs on the ``T`` real tokens only, packed to ``[T, h]`` rows (residual adds
+        fused into ``addmm``): with mixed prompt lengths left padding is a large share of ``B * P``
+        (43 % in tools/bench_rollout.py at batch 16), and on CPU those rows cost matmul FLOPs. Only
+        attention and the cache writes see the padded ``[B, P]`` layout: q/k/v are scattered
+        into zeroed padded buffers (pads keep q = k = v = 0 and attend only to themselves: finite,
+        never read), the attention output gathered back.
+        """
         mats, w, w_rolled, lm_head_t = self._cpu_tables
         b, p, h = x.shape
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         qk_heads, g = hq + hk, hq // hk
+        flat_mask = pad_mask.reshape(b * p)
+        real = flat_mask.nonzero().squeeze(1)  # [T] packed row -> padded row
+        t = real.numel()
         bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))[:, :, None]
-        cos_w = (cos[None] * w[:, :, None]).unbind(0)  # per layer [B, P, H + K, D]
-        sin_w = (sin[None] * w_rolled[:, :, None]).unbind(0)
-        x = x.reshape(b * p, h)
+        cos_w = (cos.reshape(b * p, 1, d).index_select(0, real)[None] * w).unbind(0)  # per layer [T, H + K, D]
+        sin_w = (sin.reshape(b * p, 1, d).index_select(0, real)[None] * w_rolled).unbind(0)
+        x = x.reshape(b * p, h).index_select(0, real)
+        qk_pad = torch.zeros(b * p, qk_heads, d, dtype=x.dtype, device=x.device)
+        v_pad = torch.zeros(b * p, hk, d, dtype=x.dtype, device=x.device)
+        q_pad, k_pad = qk_pad.view(b, p, qk_heads, d).split((hq, hk), dim=2)
+        kt, vt = k_pad.transpose(1, 2), v_pad.view(b, p, hk, d).transpose(1, 2)  # [B, K, P, D] views
+        vis_rows = None
+        if deepstack is not None:  # image positions as packed rows
+            packed_row = flat_mask.cumsum(0).sub_(1).view(b, p)
+            vis_rows = packed_row[visual_index]
         for i, ((qkv_t, o_t, gate_up_t, down_t), cw, sw) in enumerate(zip(mats, cos_w, sin_w)):
-            out = torch.mm(x, qkv_t).mul_(self._rms_scale(x)).view(b, p, 2 * qk_heads + hk, d)
-            qk = out[:, :, :qk_heads]
-            qk = torch.addcmul(qk * cw, out[:, :, qk_heads + hk:], sw).mul_(self._rms_scale(qk))
-            kt = qk[:, :, hq:].transpose(1, 2)  # [B, K, P, D]
-            vt = out[:, :, qk_heads: qk_heads + hk].transpose(1, 2)
+            out = torch.mm(x, qkv_t).mul_(self._rms_scale(x)).view(t, 2 * qk_heads + hk, d)
+            qk = out.narrow(1, 0, qk_heads)
+            qk = torch.addcmul(qk * cw, out.narrow(1, qk_heads + hk, qk_heads), sw).mul_(self._rms_scale(qk))
+            qk_pad.index_copy_(0, real, qk)
+            v_pad.index_copy_(0, real, out.narrow(1, qk_heads, hk))
             cache[i, 0, : b * n, :, :p] = kt.repeat_interleave(n, dim=0) if n > 1 else kt
             cache[i, 1, : b * n, :, :p] = vt.repeat_interleave(n, dim=0) if n > 1 else vt
             # attention written out, q grouped per KV head ([B, K, G * P, D] rows), cheaper than SDPA
             # with a mask at these sizes
-            q = qk[:, :, :hq].transpose(1, 2).reshape(b, hk, g * p, d)
+            q = q_pad.transpose(1, 2).reshape(b, hk, g * p, d)
             scores = torch.matmul(q, kt.transpose(-1, -2)).view(b, hk, g, p, p)
             probs = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1).view(b, hk, g * p, p)
-            attn = torch.matmul(probs, vt).view(b, hq, p, d)
-            x = torch.addmm(x, attn.transpose(1, 2).reshape(b * p, hq * d), o_t)
+            attn = torch.matmul(probs, vt).view(b, hq, p, d).transpose(1, 2).reshape(b * p, hq * d)
+            x = torch.addmm(x, attn.index_select(0, real), o_t)
             gate, up = torch.mm(x, gate_up_t).mul_(self._rms_scale(x)).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate).mul_(up), down_t)
             if deepstack is not None and i < len(deepstack):
-                x = x.view(b, p, h).index_put(visual_index, deepstack[i].to(x.dtype), accumulate=True).view(b * p, h)
-        last = x.view(b, p, h)[:, -1]
-        return torch.mm(last * self.w.norm, lm_head_t).mul_(self._rms_scale(last))
+                x = x.index_add(0, vis_rows, deepstack[i].to(x.dtype))
+        last = x.index_select(0, flat_mask.view(b, p).sum(1).cumsum(0).sub_(1))  # prompts end at P - 1
+        return torch.mm(last, lm_head_t).mul_(self._rms_scale(last))
 
     def _decode_cpu(self, tokens: Tensor, cos: Tensor, sin: Tensor, slot: int, bias: Tensor,
                     kv: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -259,7 +279,8 @@ class Decoder:
         cos_w = (cos[None] * w).unbind(0)  # per layer [R, H + K, D]
         sin_w = (sin[None] * w_rolled).unbind(0)
         x = F.embedding(tokens, self.w.embed)  # [R, h]
-        bias = bias.view(r, 1, 1, s)
+        # [R * K, 1, S]: one copy per step, so that each layer's bias add fuses into baddbmm
+        bias = bias.view(r, 1, s).expand(r, hk, s).reshape(r * hk, 1, s)
         # narrow/select rather than [] indexing: at this size Python's slice parsing is a visible cost
         for (qkv_t, o_t, gate_up_t, down_t), (kc, vc), cw, sw in zip(mats, kv, cos_w, sin_w):
             out = torch.mm(x, qkv_t).mul_(self._rms_scale(x)).view(r, 2 * qk_heads + hk, d)
@@ -269,9 +290,9 @@ class Decoder:
             vc.select(2, slot).copy_(out.narrow(1, qk_heads, hk))
             # [R * K, S, D] views of the cache (a slice along S keeps R and K mergeable)
             keys, values = kc.narrow(2, 0, s).reshape(r * hk, s, d), vc.narrow(2, 0, s).reshape(r * hk, s, d)
-            scores = torch.bmm(qk.narrow(1, 0, hq).reshape(r * hk, g, d), keys.transpose(1, 2)).view(r, hk, g, s)
-            probs = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1)
-            x = torch.addmm(x, torch.bmm(probs.view(r * hk, g, s), values).view(r, hq * d), o_t)
+            scores = torch.baddbmm(bias, qk.narrow(1, 0, hq).reshape(r * hk, g, d), keys.transpose(1, 2),
+                                   alpha=self.scale)
+            x = torch.addmm(x, torch.bmm(torch.softmax(scores, dim=-1), values).view(r, hq * d), o_t)
             gate, up = torch.mm(x, gate_up_t).mul_(self._rms_scale(x)).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate).mul_(up), down_t)
-        return torch.mm(x * self.w.norm, lm_head_t).mul_(self._rms_scale(x))
+        return torch.mm(x, lm_head_t).mul_(self._rms_scale(x))

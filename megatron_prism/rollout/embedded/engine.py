@@ -5,7 +5,8 @@ no server, and it reads exactly the HF-named tensors the trainer streams to SGLa
 
 How a ``generate`` call runs (per chunk of at most ``max_batch_rows`` sample rows):
 
-1. the chunk's images are encoded in ONE call of transformers' ``Qwen3VLVisionModel`` (shared
+1. the chunk's images are encoded in ONE call of transformers' ``Qwen3VLVisionModel`` (on CPU in
+   float32: of :class:`.vision.VisionTower`, the same maths on that module's parameters; shared
    by the ``n`` samples of each request, never repeated per decode step);
 2. the prompts are left-padded and prefilled ONCE per request; their keys/values are written to
    the ``n`` sample rows of a preallocated KV cache, and the ``n`` first tokens are drawn from the
@@ -30,6 +31,7 @@ from torch import Tensor
 from megatron_prism.models.qwen3vl.rope import mrope_position_ids
 from megatron_prism.rollout.embedded.decoder import Decoder
 from megatron_prism.rollout.embedded.sampling import Sampler, request_keys, row_keys
+from megatron_prism.rollout.embedded.vision import VisionTower
 from megatron_prism.rollout.embedded.weights import Qwen3VLWeights, load_hf_config, read_hf_tensors
 from megatron_prism.rollout.interface import (
     MEMORY_TAGS,
@@ -46,7 +48,8 @@ from megatron_prism.rollout.interface import (
 
 @register_engine("embedded")
 class EmbeddedEngine(RolloutEngine):
-    """Batched Qwen3-VL generation with our own text decoder and HF's vision tower.
+    """Batched Qwen3-VL generation with our own text decoder and HF's vision tower (its module
+    holds the weights; on CPU in float32 :class:`.vision.VisionTower` computes it).
 
     ``model``: a HF directory (config + safetensors), a mapping of HF-named tensors, or None for
     an engine whose weights all come with the first ``update_weights`` (``launch``); with a
@@ -82,6 +85,9 @@ class EmbeddedEngine(RolloutEngine):
         self.vocab = config.text_config.vocab_size
         self.weights = Qwen3VLWeights(config, self.device, dtype)
         self.decoder = Decoder(config, self.weights, self.device)
+        # CPU float32: our vision path on the HF module's parameters (fewer kernels, all images'
+        # attention in one call); elsewhere the HF module itself
+        self._vision = VisionTower(self.weights.visual) if self.decoder.cpu_decode else None
         if model is not None:
             self.weights.load(read_hf_tensors(model) if not isinstance(model, Mapping) else model)
         if model is not None and self.weights.missing:
@@ -214,6 +220,9 @@ class EmbeddedEngine(RolloutEngine):
             return None, None, []
         grid = torch.cat(grids).to(self.device)
         pixel = torch.cat(pixels).to(self.device, self.dtype)
+        if self._vision is not None:
+            merged, deepstack = self._vision(pixel, grid)
+            return grid, merged, deepstack
         out = self.weights.visual(pixel, grid_thw=grid, return_dict=True)
         return grid, out.pooler_output, list(out.deepstack_features)
 
