@@ -300,6 +300,10 @@ def _num(value) -> str:
     return "-" if value is None or value != value else f"{value:.3f}"
 
 
+def _count(value) -> str:
+    return "-" if value is None or value != value else str(int(value))
+
+
 def readout_table(results: list[StageResult]) -> list[str]:
     """report.md rows of the mechanism readouts of each stage's held-out evaluation, before -> after:
     the slip rate (the answer is not what the response's own think reached) and the caption error
@@ -309,9 +313,9 @@ def readout_table(results: list[StageResult]) -> list[str]:
         before, after = r.metrics.get("eval_before", {}), r.metrics.get("eval_after", {})
         if "eval/slip_rate" not in after:
             continue
-        pair = lambda k: f"{_num(before.get(k))} -> {_num(after.get(k))}"  # noqa: E731
+        pair = lambda k, fmt=_num: f"{fmt(before.get(k))} -> {fmt(after.get(k))}"  # noqa: E731
         rows.append(f"| {r.stage} | {pair('eval/slip_rate')} | {pair('eval/caption_error_rate')} "
-                    f"| {pair('eval/readout_responses')} |")
+                    f"| {pair('eval/readout_responses', _count)} |")
     if not rows:
         return []
     return ["", "Mechanism readouts on the held-out split, before -> after each stage (responses with caption, think "

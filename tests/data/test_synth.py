@@ -310,6 +310,6 @@ def test_report_md_shows_the_readouts_before_and_after_each_stage() -> None:
                StageResult("warmup", None, 2, 1.0, {}),
                StageResult("align", None, 2, 1.0, {"eval_before": figures(0.3, 0.25), "eval_after": figures(0.1, 0.125)})]
     rows = readout_table(results)
-    assert rows[-2:] == ["| sft | - -> 0.300 | - -> 0.250 | - -> 700.000 |",
-                         "| align | 0.300 -> 0.100 | 0.250 -> 0.125 | 700.000 -> 700.000 |"]
+    assert rows[-2:] == ["| sft | - -> 0.300 | - -> 0.250 | - -> 700 |",
+                         "| align | 0.300 -> 0.100 | 0.250 -> 0.125 | 700 -> 700 |"]
     assert readout_table(results[1:2]) == []
