@@ -200,7 +200,7 @@ class DiscriminatorRuntime:
         """Collective: model + optimizer + RNG at ``root/step_N`` (atomic rename), ``latest`` updated.
         Refuses (:class:`~megatron_prism.training.checkpoint.NonFiniteCheckpoint`) weights with a
         NaN/inf, leaving the previous checkpoint the newest."""
-        from megatron_prism.training.integrity import tree_digests, write_json, write_torch
+        from megatron_prism.training.integrity import tree_digests, write_json, write_safetensors, write_torch
 
         root = Path(root)
         if not self._finite():  # (collective: every rank refuses together, before any write)
@@ -212,26 +212,38 @@ class DiscriminatorRuntime:
         rank = dist.get_rank() if dist.is_initialized() else 0
         ok = torch.tensor([1], dtype=torch.int32)
         error = "another rank failed"
+        hashed: dict[str, dict[str, Any]] = {}  # this rank's files, hashed while written
         try:
             if rank == 0:
                 root.mkdir(parents=True, exist_ok=True)
                 ckpt.remove_stale_temporaries(root)
                 tmp.mkdir()
             _barrier()
-            save_discriminator(self.chunks, tmp / "model")
+
+            def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+                # hashed while written (the weights are the bulk of the checkpoint)
+                hashed[f"model/{path.name}"] = write_safetensors(path, tensors, metadata).to_json()
+
+            save_discriminator(self.chunks, tmp / "model", write_shard=write_shard)
             state = {"optimizer": self.optimizer.state_dict() if self.optimizer else {}, "rng": ckpt.rng_state()}
-            write_torch(tmp / f"rank_{rank:05d}.pt", state)
+            rank_file = f"rank_{rank:05d}.pt"
+            hashed[rank_file] = write_torch(tmp / rank_file, state).to_json()
         except Exception as exc:  # noqa: BLE001 - any writer's failure (disk full): nothing half-written kept
             ok[0], error = 0, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if dist.is_initialized():
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=host_group())  # collective (host, gloo): the write phase's ok
+        gathered = [hashed]
+        if ok[0] and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, hashed, group=host_group())  # collective (host, gloo): file digests
         if ok[0] and rank == 0:
             try:
                 world = dist.get_world_size() if dist.is_initialized() else 1
                 write_json(tmp / ckpt.TRAINER_STATE, {**trainer_state, "step": step, "world_size": world})
-                # The discriminator's files are hashed after they are written (small next to the policy).
-                ckpt.commit(root, tmp, step, {n: d.to_json() for n, d in tree_digests(tmp).items()},
-                            keep_last=keep_last)
+                digests = {name: d for part in gathered for name, d in part.items()}
+                # the small rest (manifest, config and tokenizer files, trainer state) hashed here
+                digests.update({n: d.to_json() for n, d in tree_digests(tmp, skip=set(digests)).items()})
+                ckpt.commit(root, tmp, step, digests, keep_last=keep_last)
             except Exception as exc:  # noqa: BLE001 - as above
                 ok[0], error = 0, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if dist.is_initialized():

@@ -90,10 +90,12 @@ def file_digest(path: Path) -> FileDigest:
     return FileDigest(n, h.hexdigest())
 
 
-def tree_digests(root: Path, under: str = "") -> dict[str, FileDigest]:
-    """Digests of every file below ``root/under``, keyed by their path relative to ``root``."""
+def tree_digests(root: Path, under: str = "", *, skip: frozenset[str] | set[str] = frozenset()) -> dict[str, FileDigest]:
+    """Digests of every file below ``root/under``, keyed by their path relative to ``root``, but
+    those named in ``skip`` (already hashed while written)."""
     base = root / under if under else root
-    return {str(p.relative_to(root)): file_digest(p) for p in sorted(base.rglob("*")) if p.is_file()}
+    return {name: file_digest(p) for p in sorted(base.rglob("*"))
+            if p.is_file() and (name := str(p.relative_to(root))) not in skip}
 
 
 def state_bytes(obj: Any) -> int:

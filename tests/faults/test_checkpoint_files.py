@@ -175,7 +175,21 @@ def test_nan_discriminator_weights_are_never_saved(tiny_dirs, tmp_path):
     disc = DiscriminatorRuntime(chunks, model.hf_config, model.spec, PartFinder([b""] * 256), 0, 1,
                                 PolicyOptimizer(chunks, OptimizerConfig(lr=1e-3), total_steps=2, bf16=False))
     root = tmp_path / "disc_ck"
-    first = disc.save(root, 1, {"stage": "warmup"})
+    from megatron_prism.training import integrity
+
+    read_back = []
+    real_digest = integrity.file_digest
+    integrity.file_digest = lambda path: read_back.append(Path(path).name) or real_digest(path)
+    try:
+        first = disc.save(root, 1, {"stage": "warmup"})
+    finally:
+        integrity.file_digest = real_digest
+    # the weights and rank files are hashed while written, never read back; what COMPLETE.json
+    # says of them is what is on disk
+    assert read_back and not [n for n in read_back if n.endswith((".safetensors", ".pt"))], read_back
+    files = json.loads((first / ckpt.COMPLETE).read_text())["files"]
+    shard = next(n for n in files if n.startswith("model/mp_rank_"))
+    assert files[shard]["sha256"] == hashlib.sha256((first / shard).read_bytes()).hexdigest()
     assert disc.healthy()
     with torch.no_grad():
         next(model.parameters())[0].fill_(float("nan"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +96,14 @@ def _write_manifest(tmp: Path, cfg, hf_dir: Path, *, tp: int, pp: int, files: li
     (tmp / mf.MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def save_discriminator(chunks: list, out: str | Path) -> Path:
+def save_discriminator(chunks: list, out: str | Path, *,
+                       write_shard: Callable[[Path, dict[str, torch.Tensor], dict[str, str]], Any] | None = None) -> Path:
     """Collective (every rank calls it): this job's discriminator as a checkpoint at ``out``.
 
     Each tensor is written once: replicated ones by TP rank 0, dense ones by data-parallel rank 0,
-    experts by expert-data-parallel rank 0 of the EP rank that holds them.
+    experts by expert-data-parallel rank 0 of the EP rank that holds them. ``write_shard(path,
+    tensors, metadata)`` writes this rank's weight file (default: safetensors' ``save_file``); a
+    training checkpoint passes one that hashes while it writes, so the weights are not read back.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -131,7 +135,10 @@ def save_discriminator(chunks: list, out: str | Path) -> Path:
     name = mf.shard_file(tp_rank, pp_rank) if ep_rank == 0 else mf.shard_file(tp_rank, pp_rank).replace(
         ".safetensors", f"_ep{ep_rank:03d}.safetensors")
     if shard:
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        if write_shard is None:
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        else:
+            write_shard(tmp / name, shard, {"format": "pt"})
     written = {n: name for n in shard}
     weight_map = mf.gather_weight_map(written)
     if rank == 0:
