@@ -42,7 +42,7 @@ from megatron_prism.stages.discriminator_common import (
     ARTIFACT, heldout_eval, pair_loss, pair_metrics, pairs_per_micro_batch, sample_pairs, split_heldout, split_scores,
     starting_discriminator, train_figures,
 )
-from megatron_prism.stages.policy_update import dp_sum, rollout_seed, update_metrics, update_policy
+from megatron_prism.stages.policy_update import global_advantages, rollout_seed, update_metrics, update_policy
 from megatron_prism.training import preemption
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime, optimizer_config
@@ -64,23 +64,13 @@ def _judge(ctx: StageContext, path: Path, processor) -> DiscriminatorRuntime:
 def run_align(ctx: StageContext) -> StageResult:
     if ctx.cfg.align.policy_reward == "verifiable":
         return _run_verifiable(ctx)
-    cfg, d, game, alg = ctx.cfg, ctx.cfg.discriminator, ctx.cfg.align, ctx.cfg.algorithm
+    cfg, d, game = ctx.cfg, ctx.cfg.discriminator, ctx.cfg.align
     started = time.time()
-    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient,
-                                image_check_workers=cfg.data.image_check_workers)
-    train, heldout = split_heldout(records)
     steps = ctx.stage.steps
     disc_root = ctx.out_dir / "disc_checkpoints"
     # resume from the newest step whose policy and discriminator checkpoints both verify
-    state = start_or_resume(ctx, train, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=2,
-                            companion=disc_root)
-    skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too
-    runtime = state.runtime
-    processor = input_processor(runtime.source, cfg.data)
-    hf = runtime.hf_config
-    client = make_client(ctx, runtime)
-    reference = (PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, None, total_steps=1, seed=cfg.run.seed,
-                                     trainable=False) if alg.kl_coef > 0 else None)
+    skips, heldout, state, processor, client, reference = _policy_side(ctx, companion=disc_root)
+    runtime, hf = state.runtime, state.runtime.hf_config
     start_disc = Path(state.extra["disc_start"]) if "disc_start" in state.extra else \
         Path(ctx.artifacts.get(ARTIFACT) or starting_discriminator(ctx))
     state.extra["disc_start"] = str(start_disc)
@@ -183,6 +173,26 @@ def _save_game(ctx: StageContext, state, disc: DiscriminatorRuntime, disc_root: 
     return save(ctx, state)
 
 
+def _policy_side(ctx: StageContext, *, companion: Path | None = None):
+    """What both ALIGN loops start from: the align split (skip counts restored), its training and
+    held-out records, the policy's training state (resumed from the stage's newest checkpoint that
+    verifies, with ``companion``'s of the same step), its processor, rollout client and the frozen
+    reference when the KL term needs one. Returns (skips, heldout, state, processor, client,
+    reference)."""
+    cfg, alg = ctx.cfg, ctx.cfg.algorithm
+    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient,
+                                image_check_workers=cfg.data.image_check_workers)
+    train, heldout = split_heldout(records)
+    state = start_or_resume(ctx, train, total_steps=ctx.stage.steps * alg.ppo_epochs * alg.mini_batches,
+                            seed_offset=2, companion=companion)
+    skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too
+    processor = input_processor(state.runtime.source, cfg.data)
+    client = make_client(ctx, state.runtime)
+    reference = (PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, None, total_steps=1, seed=cfg.run.seed,
+                                     trainable=False) if alg.kl_coef > 0 else None)
+    return skips, heldout, state, processor, client, reference
+
+
 def _run_verifiable(ctx: StageContext) -> StageResult:
     """``align.policy_reward: verifiable``, the same-compute control (arm ``rl-on-align-prompts``):
     the ALIGN stage's loop (its steps, prompts per step, ``align.samples_per_prompt`` responses
@@ -193,18 +203,10 @@ def _run_verifiable(ctx: StageContext) -> StageResult:
 
     cfg, game, alg = ctx.cfg, ctx.cfg.align, ctx.cfg.algorithm
     started = time.time()
-    records, skips = load_split(ctx.split_path("align"), "align", strict=not cfg.data.lenient,
-                                image_check_workers=cfg.data.image_check_workers)
-    train, _ = split_heldout(records)  # the game's training prompts, its held-out ones left out alike
     steps = ctx.stage.steps
-    state = start_or_resume(ctx, train, total_steps=steps * alg.ppo_epochs * alg.mini_batches, seed_offset=2)
-    skips.load_state_dict(state.extra.get("skips"))  # counted once, across a resume too
-    runtime = state.runtime
-    processor = input_processor(runtime.source, cfg.data)
-    hf = runtime.hf_config
-    client = make_client(ctx, runtime)
-    reference = (PolicyRuntime.build(ctx.source, cfg.model, cfg.parallel, None, total_steps=1, seed=cfg.run.seed,
-                                     trainable=False) if alg.kl_coef > 0 else None)
+    # the game's training prompts, its held-out ones left out alike
+    skips, _, state, processor, client, reference = _policy_side(ctx)
+    runtime, hf = state.runtime, state.runtime.hf_config
     if ctx.stage.eval_every > 0 and "eval_before" not in state.extra:
         state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
     bar = progress(steps, state.step, "align", every=cfg.run.log_every)
@@ -224,9 +226,7 @@ def _run_verifiable(ctx: StageContext) -> StageResult:
         rewards = torch.tensor([float(x) for x in scored], dtype=torch.float64)
         accuracy = [float(getattr(x, "details", {}).get("accuracy", float(x))) for x in scored]
         lengths = torch.tensor([len(r.response_ids) for r in results], dtype=torch.float64)
-        advantages = compute_advantages(alg.advantage, rewards, [i // n for i in range(len(results))],
-                                        response_lengths=lengths,
-                                        all_reduce=lambda t: torch.tensor(dp_sum(t.tolist()), dtype=t.dtype))
+        advantages = global_advantages(alg.advantage, rewards, [i // n for i in range(len(results))], lengths)
         timer.lap("score")
         samples = [{"request": q, "result": r, "advantage": float(a)}
                    for q, r, a in zip(requests, results, advantages.tolist())]

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_prism.algorithms import policy_loss
+from megatron_prism.algorithms import compute_advantages, policy_loss
 from megatron_prism.algorithms.aggregation import GlobalCounts
 from megatron_prism.config.schema import PrismConfig
 from megatron_prism.data.processing import IGNORE_INDEX
@@ -36,6 +36,14 @@ def dp_sum(values: list[float]) -> list[float]:
     if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(t, group=host_group("data_parallel"))
     return t.tolist()
+
+
+def global_advantages(advantage: str, rewards: torch.Tensor, group_ids: list[int],
+                      response_lengths: torch.Tensor) -> torch.Tensor:
+    """``compute_advantages`` for one step's verifiable rewards on this rank; estimators that whiten
+    over the batch see the global one (their statistics summed over the data-parallel ranks)."""
+    return compute_advantages(advantage, rewards, group_ids, response_lengths=response_lengths,
+                              all_reduce=lambda t: torch.tensor(dp_sum(t.tolist()), dtype=t.dtype))
 
 
 def rollout_seed(*parts: int) -> int:

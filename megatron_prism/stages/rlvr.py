@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from megatron_prism.algorithms import GroupRefillBuffer, compute_advantages, shape_rewards
+from megatron_prism.algorithms import GroupRefillBuffer, shape_rewards
 from megatron_prism.rollout import SamplingParams
 from megatron_prism.stages.common import (
     banned_ids, decode_responses, input_processor, make_client, prompt_requests, run_evaluation, score,
@@ -24,7 +24,8 @@ from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, final_figures,
                                           save, start_or_resume)
 from megatron_prism.training.metrics import progress
-from megatron_prism.stages.policy_update import dp_sum, rollout_seed, update_metrics, update_policy
+from megatron_prism.stages.policy_update import (dp_sum, global_advantages, rollout_seed, update_metrics,
+                                                 update_policy)
 from megatron_prism.training.runtime import PolicyRuntime
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _collect_rollouts(ctx, state, processor, client, skips, step: int):
 def run_rlvr(ctx: StageContext) -> StageResult:
     from megatron_prism.data.loader import load_split
 
-    cfg, alg, ro = ctx.cfg, ctx.cfg.algorithm, ctx.cfg.rollout
+    cfg, alg = ctx.cfg, ctx.cfg.algorithm
     started = time.time()
     records, skips = load_split(ctx.split_path("rl"), "rl", strict=not cfg.data.lenient,
                                 image_check_workers=cfg.data.image_check_workers)
@@ -108,10 +109,8 @@ def run_rlvr(ctx: StageContext) -> StageResult:
         samples = [s for g in groups for s in g]
         rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float64)
         group_ids = [gi for gi, g in enumerate(groups) for _ in g]
-        # estimators that whiten over the batch see the global one (statistics summed over DP)
         lengths = torch.tensor([len(s["result"].response_ids) for s in samples], dtype=torch.float64)
-        advantages = compute_advantages(alg.advantage, rewards, group_ids, response_lengths=lengths,
-                                        all_reduce=lambda t: torch.tensor(dp_sum(t.tolist()), dtype=t.dtype))
+        advantages = global_advantages(alg.advantage, rewards, group_ids, lengths)
         for s, a in zip(samples, advantages.tolist()):
             s["advantage"] = a
         metrics_sum, result = update_policy(cfg, runtime, samples, reference, timer, pause="rlvr.update")

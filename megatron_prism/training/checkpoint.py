@@ -27,7 +27,6 @@ The collectives of a save are marked ``# collective:`` (the ``ok`` flags and the
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil

@@ -6,30 +6,13 @@ import pytest
 import torch
 
 from megatron_prism.data.packing import VisionTokens, next_token_targets_from_labels, pack_demonstrations
-from megatron_prism.data.processing import IGNORE_INDEX, DemonstrationInputs
-from megatron_prism.data.records import Record
+from megatron_prism.data.processing import IGNORE_INDEX
 from megatron_prism.models import build_policy
 from megatron_prism.models.qwen3vl.model import HeadRequest
 from megatron_prism.models.qwen3vl.tiny import TOKENS
+from tests.models.cases import demonstration
 
 VISION = VisionTokens(TOKENS["image_token_id"], TOKENS["video_token_id"], spatial_merge_size=2)
-PATCH_DIM = 3 * 2 * 4 * 4  # the tiny vision tower's patch
-
-
-def _example(gen: torch.Generator, name: str, grids: list[list[int]], prompt_len: int, response_len: int):
-    ids = torch.randint(0, 240, (prompt_len,), generator=gen).tolist()
-    for t, h, w in grids:
-        ids += [TOKENS["vision_start_token_id"]] + [TOKENS["image_token_id"]] * (t * h * w // 4)
-        ids += [TOKENS["vision_end_token_id"]]
-    prompt_length = len(ids)
-    ids += torch.randint(0, 240, (response_len,), generator=gen).tolist()
-    input_ids = torch.tensor(ids)
-    labels = input_ids.clone()
-    labels[:prompt_length] = IGNORE_INDEX
-    thw = torch.tensor(grids) if grids else None
-    pixels = torch.randn(int(thw.prod(-1).sum()), PATCH_DIM, generator=gen) if grids else None
-    return DemonstrationInputs(Record(id=name, prompt="-"), input_ids, pixels, thw, labels=labels,
-                               prompt_length=prompt_length)
 
 
 def _mean_nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -41,10 +24,10 @@ def _mean_nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def examples():
     gen = torch.Generator().manual_seed(3)
     return [
-        _example(gen, "s0", [[1, 4, 4]], 5, 9),
-        _example(gen, "s1", [], 7, 6),
-        _example(gen, "s2", [[1, 2, 6], [1, 4, 2]], 3, 11),
-        _example(gen, "s3", [[1, 4, 4]], 4, 8),
+        demonstration(gen, "s0", [[1, 4, 4]], 5, 9),
+        demonstration(gen, "s1", [], 7, 6),
+        demonstration(gen, "s2", [[1, 2, 6], [1, 4, 2]], 3, 11),
+        demonstration(gen, "s3", [[1, 4, 4]], 4, 8),
     ]
 
 

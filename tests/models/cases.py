@@ -17,6 +17,26 @@ WORKER = Path(__file__).resolve().parents[1] / "distributed" / "worker.py"
 REPO = Path(__file__).resolve().parents[2]
 
 
+def demonstration(gen: torch.Generator, name: str, grids: list[list[int]], prompt_len: int, response_len: int):
+    """A random SFT demonstration (``DemonstrationInputs``) with images of ``grids``: prompt tokens,
+    a vision block per image, response tokens; labels only on the response."""
+    from megatron_prism.data.processing import IGNORE_INDEX, DemonstrationInputs
+    from megatron_prism.data.records import Record
+
+    ids = torch.randint(0, 240, (prompt_len,), generator=gen).tolist()
+    for t, h, w in grids:
+        ids += [VS] + [IMG] * (t * h * w // 4) + [VE]
+    prompt_length = len(ids)
+    ids += torch.randint(0, 240, (response_len,), generator=gen).tolist()
+    input_ids = torch.tensor(ids)
+    labels = input_ids.clone()
+    labels[:prompt_length] = IGNORE_INDEX
+    thw = torch.tensor(grids) if grids else None
+    pixels = torch.randn(int(thw.prod(-1).sum()), PATCH_DIM, generator=gen) if grids else None
+    return DemonstrationInputs(Record(id=name, prompt="-"), input_ids, pixels, thw, labels=labels,
+                               prompt_length=prompt_length)
+
+
 def _sample(gen: torch.Generator, grids, pre=3, mid=2, post=4) -> list[int]:
     ids = torch.randint(0, 240, (pre,), generator=gen).tolist()
     for t, h, w in grids:

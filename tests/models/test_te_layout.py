@@ -15,7 +15,7 @@ import types
 
 import pytest
 import torch
-from cases import PATCH_DIM, hf_logits, make_case, relative_error
+from cases import demonstration, hf_logits, make_case, relative_error
 from te_layout import (
     megatron_te_layer_spec_available,
     model_parameter_names,
@@ -178,32 +178,13 @@ def test_checkpoints_move_between_layer_specs(te_named_build, tiny_dirs, hf_mode
 # ---- packed rows: THD under TE, the dense mask under the local spec -----------------------------
 
 
-def _example(gen: torch.Generator, name: str, grids: list[list[int]], prompt_len: int, response_len: int):
-    """A demonstration with images (as tests/data/test_packing.py makes them)."""
-    from megatron_prism.data.processing import IGNORE_INDEX, DemonstrationInputs
-    from megatron_prism.data.records import Record
-
-    ids = torch.randint(0, 240, (prompt_len,), generator=gen).tolist()
-    for t, h, w in grids:
-        ids += [TOKENS["vision_start_token_id"]] + [TOKENS["image_token_id"]] * (t * h * w // 4)
-        ids += [TOKENS["vision_end_token_id"]]
-    prompt_length = len(ids)
-    ids += torch.randint(0, 240, (response_len,), generator=gen).tolist()
-    labels = torch.tensor(ids)
-    labels[:prompt_length] = IGNORE_INDEX
-    thw = torch.tensor(grids) if grids else None
-    pixels = torch.randn(int(thw.prod(-1).sum()), PATCH_DIM, generator=gen) if grids else None
-    return DemonstrationInputs(Record(id=name, prompt="-"), torch.tensor(ids), pixels, thw, labels=labels,
-                               prompt_length=prompt_length)
-
-
 def _packed_row():
     from megatron_prism.data.packing import VisionTokens, pack_demonstrations
 
     vision = VisionTokens(TOKENS["image_token_id"], TOKENS["video_token_id"], spatial_merge_size=2)
     gen = torch.Generator().manual_seed(3)
-    examples = [_example(gen, "s0", [[1, 4, 4]], 5, 9), _example(gen, "s1", [], 7, 6),
-                _example(gen, "s2", [[1, 2, 6], [1, 4, 2]], 3, 11)]
+    examples = [demonstration(gen, "s0", [[1, 4, 4]], 5, 9), demonstration(gen, "s1", [], 7, 6),
+                demonstration(gen, "s2", [[1, 2, 6], [1, 4, 2]], 3, 11)]
     return pack_demonstrations(examples, max_length=64, vision=vision, pad_id=0, pad_to_multiple_of=16)[0]
 
 
@@ -283,9 +264,15 @@ def test_attention_backend_choice(monkeypatch):
         assert (choice.layer_spec, choice.attn_backend) == ("te", enum)
 
 
-def test_te_on_this_cpu_is_one_line(tiny_dirs):
+@pytest.fixture
+def without_te(monkeypatch):
+    """Transformer Engine unusable: as it is on this CPU, or made so where it runs (the refusal is
+    checked on every machine, never skipped)."""
     if qspec.transformer_engine_status() is None:
-        pytest.skip("Transformer Engine runs here")
+        monkeypatch.setattr(qspec, "transformer_engine_status", lambda: "no CUDA device is available")
+
+
+def test_te_on_this_cpu_is_one_line(tiny_dirs, without_te):
     with pytest.raises(ValueError, match=r"^model.attention_backend='te' needs Transformer Engine, but [^\n]*$"):
         build_policy(tiny_dirs["a"], backend="te")
 
@@ -336,7 +323,7 @@ def test_sft_rows_reach_the_model_as_thd(te_named_build, tiny_dirs):
 
     vision = VisionTokens(TOKENS["image_token_id"], TOKENS["video_token_id"], spatial_merge_size=2)
     gen = torch.Generator().manual_seed(5)
-    examples = [_example(gen, f"s{i}", grids, 4, 6 + i) for i, grids in enumerate([[[1, 4, 4]], [], [[1, 2, 6]], []])]
+    examples = [demonstration(gen, f"s{i}", grids, 4, 6 + i) for i, grids in enumerate([[[1, 4, 4]], [], [[1, 2, 6]], []])]
     logp = {}
     for backend in ("sdpa", "te"):
         runtime = PolicyRuntime.build(tiny_dirs["a"], ModelConfig(attention_backend=backend), ParallelConfig(), None,
@@ -377,15 +364,13 @@ def test_megatron_thd_rotary_needs_the_padding_sequence():
     assert not torch.allclose(_apply_rotary_pos_emb_thd(x[:9], short, freqs, cp_group=cp), per_token[:9])
 
 
-def test_te_backend_on_this_cpu_is_refused_before_the_run():
+def test_te_backend_on_this_cpu_is_refused_before_the_run(without_te):
     """The config check (prism run validates first) says it in one line, before any stage starts."""
     from pathlib import Path
 
     from megatron_prism.config import ConfigError, load_config
     from megatron_prism.config.validate import check_config
 
-    if qspec.transformer_engine_status() is None:
-        pytest.skip("Transformer Engine runs here")
     tiny = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny.yaml"
     for name in ("te", "flash"):
         cfg = load_config(tiny, [f"model.attention_backend={name}"])
