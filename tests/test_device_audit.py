@@ -154,7 +154,7 @@ def _score_items(seed: int, n: int):
     return rows
 
 
-def test_device_audit_discriminator_score_and_train_step(disc_source):
+def test_device_audit_discriminator_score_train_step_and_save(disc_source, tmp_path):
     from megatron_prism.models.discriminator import build_discriminator
     from megatron_prism.models.discriminator.parts import PartFinder
     from megatron_prism.training.discriminator_runtime import DiscriminatorRuntime
@@ -186,7 +186,16 @@ def test_device_audit_discriminator_score_and_train_step(disc_source):
         result, reduced = rt.train_step(batches, bt_loss, aux_loss=True)
         assert result.updated
         stats = rt.load_balance()
+        # the checkpoint: health flag, weights hashed while written, the distributed optimizer's
+        # parameter state gathered, digests gathered (host groups)
+        assert rt.healthy()
+        saved = rt.save(tmp_path / "disc_ck", 1, {"stage": "warmup"})
     assert stats and all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    from megatron_prism.training.checkpoint import verify_checkpoint
+
+    verify_checkpoint(saved, 1)
+    state = torch.load(saved / "rank_00000.pt", weights_only=True)
+    assert state["optimizer"]["parameter_state"][0] is not None
 
 
 def test_device_audit_checkpoint_save(tiny_dirs, tmp_path):
