@@ -58,7 +58,7 @@ CASES = [
     ("stages.sft.eval_every=-1", "stages.sft.eval_every", "must be at least 0"),
     ("data.synth_sizes=sft=abc", "data.synth_sizes", "the count 'abc' is not a whole number"),
     ("data.synth_sizes=sft=10,align=5", "data.synth_sizes", "no size for split(s) rl, eval"),
-    ("data.max_pixels=100", "data.max_pixels", "at least data.min_pixels=4096"),
+    ("data.max_pixels=100", "data.max_pixels", "at least data.min_pixels=16384"),
     ("data.max_seq_len=0", "data.max_seq_len", "must be at least 1"),
     ("rollout.max_new_tokens=256", "rollout.max_new_tokens", "leaves no room for the prompt"),
     ("rollout.top_p=1.5", "rollout.top_p", "must lie in (0, 1]"),

@@ -1,5 +1,7 @@
 """The embedded synthetic task: reproducible bytes, valid records, correct answers and captions,
-distinct SFT/alignment styles, a working tokenizer, and eval items unseen in training.
+SFT and alignment demonstrations that differ in fidelity only (no surface tell a classifier finds),
+every demonstration within the response budget, a working tokenizer, and eval items unseen in
+training.
 
 Answers are re-derived here from the scene stored in ``meta`` by a checker written independently
 of the generator's ``solve``.
@@ -22,7 +24,7 @@ from megatron_prism.data.chat import SPECIAL_TOKENS, render_prompt, render_respo
 from megatron_prism.data.records import read_records
 from megatron_prism.data.synth import SynthSizes, generate_dataset
 
-SIZES = SynthSizes(sft=120, align=60, rl=60, eval=60, width=64, height=64)
+SIZES = SynthSizes(sft=400, align=200, rl=60, eval=60)
 SEED = 11
 SPLITS = ("sft", "align", "rl", "eval")
 TAGS = ("<caption>", "</caption>", "<think>", "</think>", "<answer>", "</answer>")
@@ -51,7 +53,7 @@ def sizes_arg(s: SynthSizes) -> str:
 def test_same_seed_same_bytes_other_seed_differs(data_dir: Path, tmp_path: Path) -> None:
     # The second tree comes from another process (the CLI), so Rust-side hash seeds differ too.
     cmd = [sys.executable, "-m", "megatron_prism.data.synth", "--out", str(tmp_path / "b"), "--seed", str(SEED),
-           "--sizes", sizes_arg(SIZES), "--image-size", "64x64"]
+           "--sizes", sizes_arg(SIZES), "--image-size", "128x128"]
     subprocess.run(cmd, check=True, capture_output=True)
     a, b = tree_bytes(data_dir), tree_bytes(tmp_path / "b")
     assert sorted(a) == sorted(b)
@@ -71,8 +73,8 @@ def test_existing_output_needs_overwrite(data_dir: Path) -> None:
 def test_manifest(data_dir: Path) -> None:
     manifest = json.loads((data_dir / "manifest.json").read_text())
     assert manifest["seed"] == SEED
-    assert manifest["counts"] == {"sft": 120, "align": 60, "rl": 60, "eval": 60}
-    assert manifest["sizes"]["width"] == 64 and manifest["generator_version"]
+    assert manifest["counts"] == {"sft": 400, "align": 200, "rl": 60, "eval": 60}
+    assert manifest["sizes"]["width"] == 128 and manifest["generator_version"]
     files = {k: v for k, v in tree_bytes(data_dir).items() if k != "manifest.json"}
     assert sorted(manifest["files"]) == sorted(files)
     for name, content in files.items():
@@ -171,8 +173,9 @@ def test_records_images_answers_captions(data_dir: Path, records: dict[str, list
                 assert rec.response is None
                 continue
             caption, think, answer = parts(rec.response)
-            assert answer == meta.get("teacher_slip", rec.answer), rec.id
-            missing = {w for w in words_to_mention(meta["scene"], meta["qtype"], meta["params"]) if w not in caption}
+            seen = meta.get("caption_slip", meta["scene"])  # the scene as the teacher saw it
+            assert answer == meta.get("teacher_slip", check_answer(seen, meta["qtype"], meta["params"])), rec.id
+            missing = {w for w in words_to_mention(seen, meta["qtype"], meta["params"]) if w not in caption}
             assert not missing, (rec.id, missing, caption)
 
 
@@ -182,41 +185,116 @@ def test_images_show_the_scene(records: dict[str, list]) -> None:
 
     for rec in records["sft"][:40]:
         scene = rec.meta["scene"]
+        cell = scene["cell"]
+        assert cell == 32 and scene["width"] // cell == scene["height"] // cell == 4  # 16 merged vision tokens
         with Image.open(rec.images[0].path) as img:
             for o in scene["objects"]:
                 if scene["kind"] == "shapes":
-                    xy = (o["col"] * 16 + 8, o["row"] * 16 + 9)
+                    xy = (o["col"] * cell + cell // 2, o["row"] * cell + cell // 2 + 1)
                 elif scene["kind"] == "bars":
-                    xy = (o["col"] * 16 + 8, scene["height"] - 2)
+                    xy = (o["col"] * cell + cell // 2, scene["height"] - 2)
                 else:
                     continue
                 assert img.getpixel(xy) == COLORS[o["color"]], (rec.id, o)
 
 
-def test_alignment_style_is_denser(records: dict[str, list]) -> None:
-    sft = [parts(r.response)[0] for r in records["sft"]]
-    align = [parts(r.response)[0] for r in records["align"]]
-    assert sum(map(len, align)) / len(align) > 1.8 * sum(map(len, sft)) / len(sft)
-    assert sum(len(r.meta["scene"]["objects"]) for r in records["align"]) / len(align) > \
-        sum(len(r.meta["scene"]["objects"]) for r in records["sft"]) / len(sft)  # harder items
-    for rec in records["align"]:
-        scene, caption = rec.meta["scene"], parts(rec.response)[0]
-        objs = scene["objects"]
-        assert caption.startswith(f"{len(objs)} "), caption
-        if scene["kind"] == "bars":
-            listed = re.findall(r"(red|green|blue|yellow) (\d)", caption)
-            assert listed == [(o["color"], str(o["height"])) for o in objs], caption
-            continue
-        listed = [(int(r) - 1, item.strip()) for r, items in re.findall(r"row (\d+): ([^.]+)\.", caption)
-                  for item in items.split(",")]
-        if scene["kind"] == "shapes":
-            expect = [(o["row"], f"{o['size']} {o['color']} {o['shape']}") for o in objs]
-        else:
-            expect = [(o["row"], str(o["digit"])) for o in objs]
-        assert listed == expect, caption
-    for rec in records["sft"]:  # terse: a shapes caption never lists every object with its size
-        if rec.meta["scene"]["kind"] == "shapes":
-            assert not parts(rec.response)[0].startswith(f"{len(rec.meta['scene']['objects'])} shapes")
+def bag_of_words_accuracy(docs: list[tuple[str, int]], seed: int = 0) -> float:
+    """Held-out accuracy of an L2 logistic regression on word and word-pair counts (the referee's
+    check for a template tell), trained on 70 % of ``docs`` (text, label), float64, LBFGS."""
+    import torch
+
+    def feats(text: str) -> list[str]:
+        words = re.findall(r"<[^>]+>|\w+|[^\w\s]", text)
+        return words + [a + " " + b for a, b in zip(words, words[1:])]
+
+    vocab = {w: i for i, w in enumerate(sorted({w for text, _ in docs for w in feats(text)}))}
+    x = torch.zeros(len(docs), len(vocab), dtype=torch.float64)
+    for i, (text, _) in enumerate(docs):
+        for w in feats(text):
+            x[i, vocab[w]] += 1
+    y = torch.tensor([label for _, label in docs], dtype=torch.float64)
+    perm = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed))
+    train, test = perm[: int(0.7 * len(docs))], perm[int(0.7 * len(docs)):]
+    w = torch.zeros(len(vocab), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x[train] @ w + b, y[train]) + 1e-2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((x[test] @ w + b > 0).double() == y[test]).double().mean())
+
+
+def test_sft_and_align_demonstrations_have_no_surface_tell(records: dict[str, list]) -> None:
+    """Issue 14: a bag-of-words classifier told the old splits apart at 100 % held-out (two styles).
+    Now both splits share one template and one item distribution: on balanced samples the classifier
+    stays near chance (<= 0.62; chance 0.5, and with 45 % of SFT demonstrations slipped even a
+    perfect fidelity judge could reach only about 0.72). The same classifier does find a real tell
+    (the scene kind, >= 0.95), so a failure to separate is the data's, not the classifier's."""
+    import random
+
+    sft = random.Random(0).sample(records["sft"], len(records["align"]))
+    docs = [(r.response, 0) for r in sft] + [(r.response, 1) for r in records["align"]]
+    assert bag_of_words_accuracy(docs) <= 0.62
+    kinds = [(r.response, int(r.meta["scene"]["kind"] == "shapes")) for r in sft + records["align"]]
+    assert bag_of_words_accuracy(kinds) >= 0.95
+    # the old tell, a digit as the first caption word, and the item distribution
+    first = {s: Counter(parts(r.response)[0].split()[0].isdigit() for r in records[s]) for s in ("sft", "align")}
+    assert first["sft"][True] / len(records["sft"]) == pytest.approx(first["align"][True] / len(records["align"]), abs=0.08)
+    for split in ("sft", "align"):
+        objects = [len(r.meta["scene"]["objects"]) for r in records[split]]
+        assert sum(objects) / len(objects) == pytest.approx(
+            sum(len(r.meta["scene"]["objects"]) for r in records["eval"]) / len(records["eval"]), abs=0.6), split
+
+
+def test_every_demonstration_fits_the_align_budget(data_dir: Path, records: dict[str, list], tmp_path: Path) -> None:
+    """Each demonstration with its end token fits SynthSizes.max_response_tokens (64, ALIGN's
+    budget), counted with the task's own tokenizer; a budget the template cannot fit is refused by
+    the generator in one error naming the records, their lengths and the excess, and nothing is
+    left behind that looks complete (no manifest)."""
+    from transformers import AutoTokenizer
+
+    from megatron_prism.data.budget import ResponseBudgetError
+
+    tok = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    lengths = [len(tok(render_response(r.response), add_special_tokens=False)["input_ids"])
+               for s in ("sft", "align") for r in records[s]]
+    assert max(lengths) <= 64 and sum(lengths) / len(lengths) < 45
+    budget = sorted(lengths)[len(lengths) // 2]  # half of them are longer
+    with pytest.raises(ResponseBudgetError) as err:
+        generate_dataset(tmp_path / "short", SEED, SynthSizes(sft=400, align=200, rl=60, eval=60,
+                                                             max_response_tokens=budget))
+    message = str(err.value)
+    over = sum(n > budget for n in lengths)
+    assert f"{over} of {len(lengths)} demonstrations do not fit max_response_tokens={budget}" in message
+    assert re.search(r"sft/data\.jsonl:synth-sft-\d{5} \(\d+ tokens, \d+ over\)", message), message
+    assert f"raise max_response_tokens to at least {max(lengths)}" in message
+    assert not (tmp_path / "short" / "manifest.json").exists()
+
+
+def test_sft_caption_slips_misperceive_one_object(records: dict[str, list]) -> None:
+    """About 15 % of SFT demonstrations misread one object: their caption is not the true scene's,
+    and think and answer are right for the scene as misread; the alignment split has none."""
+    from megatron_prism.data.synth.readouts import faithful_caption
+
+    slipped = [r for r in records["sft"] if "caption_slip" in r.meta]
+    assert 0.08 <= len(slipped) / len(records["sft"]) <= 0.22, len(slipped)
+    for rec in slipped:
+        true, seen = rec.meta["scene"]["objects"], rec.meta["caption_slip"]["objects"]
+        changed = [(a, b) for a, b in zip(true, seen) if a != b]
+        assert len(changed) == 1 and len(true) == len(seen), rec.id
+        (a, b), = changed
+        assert sum(a[k] != b[k] for k in a) == 1, (a, b)  # one attribute of one object
+        caption, think, answer = parts(rec.response)
+        assert caption != faithful_caption(rec.meta, rec.answer), rec.id
+        assert answer == check_answer(rec.meta["caption_slip"], rec.meta["qtype"], rec.meta["params"])
+        assert "teacher_slip" not in rec.meta
+    assert not any("caption_slip" in r.meta for split in ("align", "rl", "eval") for r in records[split])
 
 
 def test_tokenizer(data_dir: Path, records: dict[str, list]) -> None:
@@ -259,7 +337,7 @@ def test_sft_teacher_slips_are_wrong_answers_after_right_reasoning(records: dict
     """About 30 % of SFT demonstrations state a wrong answer (off by one, or another colour) after a
     right caption and reasoning; the alignment demonstrations (high fidelity) never do."""
     slips = [r for r in records["sft"] if "teacher_slip" in r.meta]
-    assert 0.15 <= len(slips) / len(records["sft"]) <= 0.45, len(slips)
+    assert 0.22 <= len(slips) / len(records["sft"]) <= 0.38, len(slips)
     for rec in slips:
         wrong, right = rec.meta["teacher_slip"], rec.answer
         assert wrong != right
@@ -270,21 +348,22 @@ def test_sft_teacher_slips_are_wrong_answers_after_right_reasoning(records: dict
 
 
 def test_mechanism_readouts_see_the_teachers_slips_and_a_wrong_caption(records: dict[str, list]) -> None:
-    """readouts.mechanism_rates on the teacher's own demonstrations: every SFT slip and nothing else
-    is a slip, every caption is faithful; a caption naming another colour, or an answer the think
-    did not reach, is caught; records without a scene give no readout."""
+    """readouts.mechanism_rates on the teacher's own demonstrations: every SFT answer slip and nothing
+    else is a slip, every caption slip and nothing else a caption error; a caption naming another
+    colour, or an answer the think did not reach, is caught; records without a scene give no readout."""
     from megatron_prism.data.synth.readouts import is_slip, mechanism_rates
 
     for split in ("sft", "align"):
         recs = records[split]
         got = mechanism_rates([r.response for r in recs], recs)
         slips = sum("teacher_slip" in r.meta for r in recs) / len(recs)
-        assert got == {"eval/slip_rate": slips, "eval/caption_error_rate": 0.0,
+        wrong_captions = sum("caption_slip" in r.meta for r in recs) / len(recs)
+        assert got == {"eval/slip_rate": slips, "eval/caption_error_rate": wrong_captions,
                        "eval/readout_responses": float(len(recs))}, split
         for r in recs:
             p = parts(r.response)
             assert is_slip(p[1], p[2]) == ("teacher_slip" in r.meta), r.response
-    recs = [r for r in records["align"] if "teacher_slip" not in r.meta][:20]
+    recs = records["align"][:20]
     colors = ("red", "green", "blue", "yellow")
     swapped = []
     for r in recs:

@@ -20,7 +20,7 @@ def _sizes(args: argparse.Namespace) -> SynthSizes:
         sizes = dataclasses.replace(sizes, **{name: int(value)})
     w, _, h = args.image_size.partition("x")
     if not (w.isdigit() and h.isdigit()):
-        raise SystemExit(f"--image-size: expected WxH (e.g. 64x64), got {args.image_size!r}")
+        raise SystemExit(f"--image-size: expected WxH (e.g. 128x128), got {args.image_size!r}")
     return dataclasses.replace(sizes, width=int(w), height=int(h))
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", default="", help="records per split, e.g. sft=2000,align=500,rl=1000,eval=200")
-    parser.add_argument("--image-size", default="64x64", help="WxH in pixels, multiples of 16 (default 64x64)")
+    parser.add_argument("--image-size", default="128x128", help="WxH in pixels, multiples of 32 (default 128x128)")
     parser.add_argument("--vocab-size", type=int, default=SynthSizes().vocab_size)
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier output in --out")
     args = parser.parse_args(argv)

@@ -2,24 +2,33 @@
 
 Layout of ``out_dir``::
 
-    sft/data.jsonl    sft/images/00000.png ...    terse demonstrations, easier items, 30 % of them
-                                                  ending in a wrong answer (a teacher's slip)
-    align/data.jsonl  align/images/...            dense demonstrations, harder items
-    rl/data.jsonl     rl/images/...               answers only, full range of difficulty
+    sft/data.jsonl    sft/images/00000.png ...    demonstrations with the teacher's slips: 30 % end in
+                                                  a wrong answer after a right caption and think, 15 %
+                                                  misperceive one object (caption, think and answer
+                                                  follow the misperceived scene)
+    align/data.jsonl  align/images/...            demonstrations without slips
+    rl/data.jsonl     rl/images/...               answers only
     eval/data.jsonl   eval/images/...             answers only, none equal to a training item
     tokenizer/        tokenizer.json, tokenizer_config.json, special_tokens_map.json
     manifest.json     seed, sizes, counts, generator version, special token ids, sha256 per file
+
+Every split draws its items from one distribution and every demonstration has one template
+(:func:`questions.teacher_response`): SFT and alignment demonstrations differ only in fidelity, as
+PRISM's SFT corpus and its high-fidelity alignment set do, and the alignment items come from the
+distribution of the held-out ones. Every demonstration fits ``SynthSizes.max_response_tokens``
+(the ALIGN response budget, its end token included); the generator refuses to write one that does
+not, naming it.
 
 Each split draws from its own ``random.Random`` seeded from (seed, split name), so a split does not
 change when another split's size does (eval excepted: it skips items seen in training). Nothing
 written depends on time or machine, so one seed gives byte-identical trees.
 
-Default sizes (sft 2000, align 500, rl 1000, eval 200, 64x64 images): a tiny model (hidden 64,
-4 layers) sees the whole SFT split in a few hundred steps of batch 8 on a CPU, so SFT takes a few
-minutes; alignment holds a quarter as much (as PRISM's alignment set is smaller than its SFT set);
-RL needs prompts for a few hundred rollout steps; 200 eval items give accuracy to +-3.5 points
-(one standard error at 50 %), enough to see learning. 64x64 images with patch 16 and merge 2 are
-4 merged vision tokens per image.
+Default sizes (sft 2000, align 500, rl 1000, eval 200, 128x128 images): a tiny model (hidden 64,
+4 layers) sees the whole SFT split in a few hundred steps of batch 16 on a CPU; alignment holds a
+quarter as much (as PRISM's alignment set is smaller than its SFT set); RL needs prompts for a few
+hundred rollout steps; 200 eval items give accuracy to +-3.5 points (one standard error at 50 %).
+The image is a 4x4 grid of 32-pixel cells; with patch 16 and merge 2 each cell is one of the 16
+merged vision tokens, so every object has a token of its own and perception is learnable.
 """
 
 from __future__ import annotations
@@ -32,14 +41,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_prism.data.budget import check_response_budget
 from megatron_prism.data.chat import PRISM_SYSTEM_PROMPT, render_prompt, render_response
 from megatron_prism.data.records import IMAGE_MARKER, ImageRef, Record, write_jsonl
-from megatron_prism.data.synth.questions import QTYPES, Question, sample_question, teacher_response
-from megatron_prism.data.synth.scenes import COLORS, SCENE_MAKERS, Scene, render_scene, save_png, scene_key
+from megatron_prism.data.synth.questions import QTYPES, Question, applies, caption, sample_question, solve, teacher_response
+from megatron_prism.data.synth.scenes import (COLORS, MAX_BAR, SCENE_MAKERS, SHAPES, SIZES, Scene, render_scene,
+                                             save_png, scene_key)
 from megatron_prism.data.synth.tokenizer import (DEFAULT_VOCAB_SIZE, TAG_TOKENS, check_tokenizer,
                                                  save_tokenizer, special_token_ids, train_tokenizer)
 
-GENERATOR_VERSION = "prism-synth-2"
+GENERATOR_VERSION = "prism-synth-3"
 SOURCE = "prism-synth"
 SPLITS = ("sft", "align", "rl", "eval")
 TRAIN_SPLITS = ("sft", "align", "rl")
@@ -53,10 +64,11 @@ class SynthSizes:
     align: int = 500
     rl: int = 1000
     eval: int = 200
-    width: int = 64
-    height: int = 64
-    cell: int = 16  # grid cell in pixels; keep it equal to the vision patch size
+    width: int = 128
+    height: int = 128
+    cell: int = 32  # grid cell in pixels; keep it one merged vision token (patch 16 x merge 2)
     vocab_size: int = DEFAULT_VOCAB_SIZE
+    max_response_tokens: int = 64  # every demonstration, its end token included, fits this (the ALIGN budget)
 
     def count(self, split: str) -> int:
         return int(getattr(self, split))
@@ -64,25 +76,29 @@ class SynthSizes:
 
 @dataclass
 class SplitProfile:
-    """Difficulty and demonstration style of a split."""
+    """What a split holds: its items' distribution, whether it has demonstrations, their slips."""
 
-    style: str | None  # "terse" / "dense" demonstrations, None: answers only
-    n_objects: dict[str, tuple[int, int]]  # scene kind -> (min, max) objects
+    demonstrations: bool
+    n_objects: dict[str, tuple[int, int]] = field(
+        default_factory=lambda: {"shapes": (2, 7), "bars": (3, 5), "digits": (2, 4)})  # scene kind -> (min, max) objects
     kind_weights: dict[str, float] = field(default_factory=lambda: {"shapes": 2.0, "bars": 1.0, "digits": 1.0})
     qtype_weights: dict[str, float] = field(default_factory=dict)  # default weight 1
     # Fraction of demonstrations whose final answer is wrong although caption and reasoning are
     # right, as in public SFT corpora (transcription slips, mislabelled items). Imitation copies
     # the slip; a verifiable reward (RLVR) and high-fidelity demonstrations (ALIGN) correct it.
     answer_noise: float = 0.0
+    # Fraction whose caption misperceives one object (another colour, shape, size, height or
+    # digit); the think and answer are right for the misperceived scene, as a teacher that misread
+    # the image writes them. Exclusive of the answer slips.
+    caption_noise: float = 0.0
 
 
-_HARD = {"more_than": 3.0, "most_color": 2.0, "count_color_shape": 2.0, "top2_sum": 2.0, "bar_diff": 2.0,
-         "bar_total": 2.0, "digit_range": 2.0, "digit_count_gt": 2.0, "digit_sum": 2.0}
+# One item distribution for every split: the splits differ in what they hold, never in what they ask.
 PROFILES: dict[str, SplitProfile] = {
-    "sft": SplitProfile("terse", {"shapes": (2, 5), "bars": (3, 4), "digits": (2, 3)}, answer_noise=0.3),
-    "align": SplitProfile("dense", {"shapes": (4, 7), "bars": (4, 5), "digits": (3, 4)}, qtype_weights=_HARD),
-    "rl": SplitProfile(None, {"shapes": (2, 7), "bars": (3, 5), "digits": (2, 4)}),
-    "eval": SplitProfile(None, {"shapes": (2, 7), "bars": (3, 5), "digits": (2, 4)}),
+    "sft": SplitProfile(True, answer_noise=0.3, caption_noise=0.15),
+    "align": SplitProfile(True),
+    "rl": SplitProfile(False),
+    "eval": SplitProfile(False),
 }
 
 
@@ -126,6 +142,35 @@ def wrong_answer(answer: str, rng: random.Random) -> str:
     return rng.choice([c for c in COLORS if c != answer])
 
 
+def misperceive(scene: Scene, q: Question, rng: random.Random, tries: int = 20) -> Scene | None:
+    """The scene with one object misread (another colour, shape, size, bar height or digit) such
+    that the question's caption changes and the question still applies; None when no such misreading
+    is found in ``tries`` draws."""
+    top = min(MAX_BAR, scene["height"] // scene.get("unit", 1) - 1) if scene["kind"] == "bars" else 0
+    for _ in range(tries):
+        seen = json.loads(json.dumps(scene))
+        obj = rng.choice(seen["objects"])
+        if scene["kind"] == "shapes":
+            attr = rng.choice(("color", "shape", "size"))
+            choices = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES)}[attr]
+            obj[attr] = rng.choice([v for v in choices if v != obj[attr]])
+        elif scene["kind"] == "bars":
+            height = min(top, max(1, obj["height"] + rng.choice((-1, 1))))
+            if height == obj["height"]:
+                continue
+            obj["height"] = height
+        else:
+            obj["digit"] = rng.choice([d for d in range(10) if d != obj["digit"]])
+        if applies(seen, q) and caption(seen, misread(seen, q)) != caption(scene, q):
+            return seen
+    return None
+
+
+def misread(seen: Scene, q: Question) -> Question:
+    """``q`` with the answer it has in the scene as (mis)seen."""
+    return Question(q.qtype, q.params, q.text, solve(seen, q.qtype, q.params))
+
+
 def sample_item(rng: random.Random, profile: SplitProfile, sizes: SynthSizes) -> tuple[Scene, Question]:
     """One scene and an applicable question, drawn with the profile's difficulty."""
     while True:
@@ -140,6 +185,23 @@ def sample_item(rng: random.Random, profile: SplitProfile, sizes: SynthSizes) ->
 def item_key(scene: Scene, question: Question) -> str:
     """What makes two items the same: the scene's contents and the question text."""
     return scene_key(scene) + "|" + question.text
+
+
+def demonstration(scene: Scene, q: Question, meta: dict[str, Any], slip: random.Random, profile: SplitProfile) -> str:
+    """The teacher's demonstration of an item, with the profile's slips drawn from ``slip``; what
+    went wrong is recorded in ``meta`` (``teacher_slip``: the answer it states; ``caption_slip``:
+    the scene it saw), so readouts and tests know the truth."""
+    u = slip.random()
+    if u < profile.answer_noise:
+        written = wrong_answer(q.answer, slip)
+        meta["teacher_slip"] = written  # the answer the demonstration states (q.answer is the truth)
+        return teacher_response(scene, q, answer=written)
+    if u < profile.answer_noise + profile.caption_noise:
+        seen = misperceive(scene, q, slip)
+        if seen is not None:
+            meta["caption_slip"] = seen
+            return teacher_response(seen, misread(seen, q))
+    return teacher_response(scene, q)
 
 
 def make_split(out_dir: Path, split: str, seed: int, sizes: SynthSizes,
@@ -169,14 +231,8 @@ def make_split(out_dir: Path, split: str, seed: int, sizes: SynthSizes,
         save_png(render_scene(scene), image_path)
         meta: dict[str, Any] = {"scene": scene, "qtype": q.qtype, "params": q.params, "split": split}
         response = None
-        if profile.style:
-            meta["style"] = profile.style
-            slip = _noise_rng(seed, split, index)
-            written = q.answer
-            if slip.random() < profile.answer_noise:
-                written = wrong_answer(q.answer, slip)
-                meta["teacher_slip"] = written  # the answer the demonstration states (q.answer is the truth)
-            response = teacher_response(scene, q, profile.style, answer=written)
+        if profile.demonstrations:
+            response = demonstration(scene, q, meta, _noise_rng(seed, split, index), profile)
         records.append(Record(
             id=f"synth-{split}-{index:05d}", images=[ImageRef(path=image_path)],
             prompt=f"{IMAGE_MARKER}\n{q.text}", answer=q.answer, source=SOURCE, meta=meta, response=response,
@@ -202,8 +258,12 @@ def _sha256(path: Path) -> str:
 
 
 def generate_dataset(out_dir: str | Path, seed: int, sizes: SynthSizes | None = None, *,
-                     overwrite: bool = False) -> Manifest:
+                     overwrite: bool = False, budget_setting: str = "max_response_tokens") -> Manifest:
     """Generates the whole task under ``out_dir``; returns (and writes) its manifest.
+
+    A demonstration longer than ``sizes.max_response_tokens`` (end token included) is an error
+    naming it; ``budget_setting`` is the name of that budget in the error's fix (the pipeline
+    passes the config key it comes from).
 
     ``overwrite`` removes this generator's outputs (the split folders, ``tokenizer/`` and
     ``manifest.json``) first; without it an existing output is an error, so stale images of an
@@ -232,6 +292,10 @@ def generate_dataset(out_dir: str | Path, seed: int, sizes: SynthSizes | None = 
     texts = corpus(all_records)
     tok = train_tokenizer(texts, sizes.vocab_size)
     check_tokenizer(tok, texts)
+    check_response_budget(((f"{out / rec.meta['split'] / 'data.jsonl'}:{rec.id}", render_response(rec.response))
+                           for rec in all_records if rec.response is not None),
+                          lambda text: len(tok.encode(text, add_special_tokens=False).ids), sizes.max_response_tokens,
+                          where=str(out), setting=budget_setting)
     save_tokenizer(tok, out / "tokenizer")
 
     files = {p.relative_to(out).as_posix(): _sha256(p)

@@ -4,14 +4,13 @@ Every question needs perception (what is in the image) and a little reasoning (c
 comparing, adding). Answers are small integers or a colour word. The language is templated and
 small so that a tokenizer of a few hundred tokens covers it.
 
-The teacher knows the scene and writes a PRISM response (``chat.format_response``) in one of two
-styles:
-
-* ``terse`` (the SFT split): the caption names only the objects the question is about, the
-  reasoning is the bare computation.
-* ``dense`` (the alignment split, a different and higher-fidelity style): the caption lists every
-  object in reading order, grouped by row (with size and colour for shapes, left to right with
-  heights for bars), and the reasoning first picks out the relevant objects, then computes.
+The teacher knows the scene and writes a PRISM response (``chat.format_response``) in one
+template for every split: the caption names the objects the question is about (:func:`caption`),
+the think is the computation, the answer the result. The SFT and alignment demonstrations differ
+only in fidelity (the generator's slips), never in form, so a discriminator cannot tell them
+apart by their surface; it has to check the caption against the image and the answer against
+the think. The template is short (at most 60 tokens with the task's tokenizer), so a policy
+that imitates it fits the response budget.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ QTYPES: dict[str, tuple[str, ...]] = {
     "bars": ("bar_height", "top2_sum", "tallest_color", "bar_diff", "bar_total"),
     "digits": ("digit_sum", "digit_max", "digit_range", "digit_count_gt"),
 }
-STYLES = ("terse", "dense")
 
 
 @dataclass
@@ -176,24 +174,8 @@ def _shape_name(o: dict[str, Any], size: bool = True) -> str:
     return f"{o['size']} {o['color']} {o['shape']}" if size else f"{o['color']} {o['shape']}"
 
 
-def _by_rows(objs: list[dict[str, Any]], name) -> str:
-    rows: dict[int, list[str]] = {}
-    for o in objs:
-        rows.setdefault(o["row"], []).append(name(o))
-    return " ".join(f"row {r + 1}: {', '.join(items)}." for r, items in sorted(rows.items()))
-
-
-def dense_caption(scene: Scene) -> str:
-    """Every object of the scene, in reading order (the alignment style)."""
-    objs, n = scene["objects"], len(scene["objects"])
-    if scene["kind"] == "shapes":
-        return f"{n} {_plural('shape', n)}. " + _by_rows(objs, _shape_name)
-    if scene["kind"] == "bars":
-        return f"{n} bars, left to right: " + ", ".join(f"{o['color']} {o['height']}" for o in objs) + "."
-    return f"{n} {_plural('digit', n)}. " + _by_rows(objs, lambda o: str(o["digit"]))
-
-
-def _terse_caption(scene: Scene, q: Question) -> str:
+def caption(scene: Scene, q: Question) -> str:
+    """The caption of the task's template: the objects (and attributes) the question is about."""
     objs, p, t = scene["objects"], q.params, q.qtype
     if t == "count_color":
         return f"{p['color']} shapes: {_join([o['shape'] for o in objs if _matches(o, p)])}."
@@ -224,29 +206,8 @@ def _terse_caption(scene: Scene, q: Question) -> str:
     return "digits: " + ", ".join(str(o["digit"]) for o in objs) + "."
 
 
-def _select_step(scene: Scene, q: Question) -> str:
-    """The dense style's first reasoning step: which objects the question is about."""
-    objs, p, t = scene["objects"], q.params, q.qtype
-    if t in ("count_color", "count_shape", "count_color_shape", "count_size", "color_of"):
-        picked = [_shape_name(o) for o in objs if _matches(o, p)]
-        return f"The shapes asked about: {_join(picked)}."
-    if t == "more_than":
-        return " ".join(f"The {s}s: {_join([_shape_name(o) for o in objs if o['shape'] == s])}."
-                        for s in (p["a"], p["b"]))
-    if t in ("most_color", "total"):
-        return "All shapes count."
-    if t in ("bar_height", "bar_diff"):
-        colors = [p["color"]] if t == "bar_height" else [p["a"], p["b"]]
-        return "Look at the " + " and ".join(colors) + (" bar." if len(colors) == 1 else " bars.")
-    if t in ("top2_sum", "tallest_color"):
-        return "Heights from tallest: " + ", ".join(str(h) for h in sorted((o["height"] for o in objs), reverse=True)) + "."
-    if scene["kind"] == "bars":
-        return "All bars count."
-    return "The digits: " + ", ".join(str(o["digit"]) for o in objs) + "."
-
-
 def _core_steps(scene: Scene, q: Question) -> str:
-    """The computation (both styles)."""
+    """The think: the computation from what the caption saw."""
     objs, p, t, a = scene["objects"], q.params, q.qtype, q.answer
     if t in ("count_color", "count_shape", "count_color_shape", "count_size", "total"):
         n = int(a)
@@ -285,12 +246,26 @@ def _core_steps(scene: Scene, q: Question) -> str:
     return f"{', '.join(big)} {verb} greater than {p['k']}. So {a}."
 
 
-def teacher_response(scene: Scene, q: Question, style: str, answer: str | None = None) -> str:
+def applies(scene: Scene, q: Question) -> bool:
+    """Whether ``q`` is still a well-posed question about ``scene`` (the conditions
+    :func:`sample_question` draws under): one object named by ``color_of``, a single most frequent
+    colour or tallest bar, a taller first bar, no fewer of the first shape."""
+    objs, p, t = scene["objects"], q.params, q.qtype
+    if t == "color_of":
+        return sum(_matches(o, p) for o in objs) == 1
+    if t == "most_color":
+        return _unique_max(_color_counts(objs)) is not None
+    if t == "tallest_color":
+        return _unique_max({o["color"]: o["height"] for o in objs}) is not None
+    heights = {o["color"]: o["height"] for o in objs} if scene["kind"] == "bars" else {}
+    if t == "bar_diff":
+        return heights[p["a"]] > heights[p["b"]]
+    if t == "more_than":
+        return sum(o["shape"] == p["a"] for o in objs) >= sum(o["shape"] == p["b"] for o in objs)
+    return True
+
+
+def teacher_response(scene: Scene, q: Question, answer: str | None = None) -> str:
     """The teacher's demonstration in PRISM's ``<caption><think><answer>`` layout; ``answer``
     replaces the true answer in the ``<answer>`` part (a teacher's slip)."""
-    answer = q.answer if answer is None else answer
-    if style == "terse":
-        return format_response(_terse_caption(scene, q), _core_steps(scene, q), answer)
-    if style == "dense":
-        return format_response(dense_caption(scene), f"{_select_step(scene, q)} {_core_steps(scene, q)}", answer)
-    raise ValueError(f"unknown style {style!r}; use one of {STYLES}")
+    return format_response(caption(scene, q), _core_steps(scene, q), q.answer if answer is None else answer)

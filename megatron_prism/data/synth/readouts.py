@@ -7,9 +7,9 @@ Final accuracy mixes both; these two rates, over responses that have all three p
   (the teacher's slips of the SFT split are exactly this: right caption and reasoning, wrong
   answer). The think's result is read from its last sentence, where every template states it
   ("So there are 3.", "2 - 2 = 0.", "The most is red with 3.": :func:`think_result`).
-* **caption error rate**: the ``<caption>`` is not a faithful caption of the record's scene (its
-  ``meta.scene``) in either of the task's styles (:func:`questions.teacher_response`'s terse and
-  dense captions): a response that imitates a template must reproduce one of them exactly.
+* **caption error rate**: the ``<caption>`` is not the faithful caption of the record's scene (its
+  ``meta.scene``) in the task's template (:func:`questions.caption`): a response that imitates the
+  template must reproduce it exactly. The SFT split's caption slips are exactly such errors.
 
 They read the task's own templates, so they live beside them: a new template needs its readout
 here. Records without a synthetic scene (your data) get no readout.
@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from megatron_prism.data.synth.questions import Question, _terse_caption, dense_caption
+from megatron_prism.data.synth.questions import Question, caption
 
 _PARTS = re.compile(r"<caption>(.*?)</caption>\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>", re.S)
 _TOKEN = re.compile(r"-?\w+|=")
@@ -48,11 +48,10 @@ def is_slip(think: str, answer: str) -> bool:
     return " ".join(_TOKEN.findall(answer.lower())) != think_result(think)
 
 
-def faithful_captions(meta: dict[str, Any], answer: str) -> set[str]:
-    """The captions the task's templates write for this record's scene (terse and dense)."""
-    scene = meta["scene"]
+def faithful_caption(meta: dict[str, Any], answer: str) -> str:
+    """The caption the task's template writes for this record's (true) scene."""
     q = Question(qtype=meta["qtype"], params=dict(meta.get("params", {})), answer=answer)
-    return {_terse_caption(scene, q), dense_caption(scene)}
+    return caption(meta["scene"], q)
 
 
 def mechanism_rates(responses: Sequence[str], records: Sequence[Any], prefix: str = "eval/") -> dict[str, float]:
@@ -68,10 +67,10 @@ def mechanism_rates(responses: Sequence[str], records: Sequence[Any], prefix: st
         got = parts(response)
         if got is None:
             continue
-        caption, think, answer = got
+        seen, think, answer = got
         counted += 1
         slips += is_slip(think, answer)
-        errors += caption not in faithful_captions(meta, rec.answer or "")
+        errors += seen != faithful_caption(meta, rec.answer or "")
     if not with_scene:
         return {}
     rate = (lambda k: k / counted) if counted else (lambda k: float("nan"))
