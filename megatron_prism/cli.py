@@ -144,7 +144,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         spec = ExperimentSpec(config=Path(args.config), arms=arms, seeds=args.seeds,
                               algorithm=args.algorithm, out=Path(args.out) if args.out else None,
                               overrides=args.overrides, k=args.k, temperature=args.temperature,
-                              benchmarks=benchmarks, launcher=args.launcher)
+                              benchmarks=benchmarks, launcher=args.launcher, jobs=args.jobs)
         js, md = run_experiment(spec)
     except (FileNotFoundError, ValueError, ExperimentError) as exc:
         _err(str(exc))
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("config", metavar="CONFIG", help="the YAML config every arm starts from")
     ex.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides applied to every arm")
     ex.add_argument("--arms", required=True, help="comma-separated arm names: baseline, prism, align-data-as-sft, "
-                                                 "dense-disc, text-only-disc, dedicated-experts")
+                                                 "rl-on-align-prompts, dense-disc, text-only-disc, dedicated-experts")
     ex.add_argument("--seeds", type=positive_int, required=True, help="runs per arm (run.seed + 0..N-1)")
     ex.add_argument("--algorithm", choices=("grpo", "dapo", "gspo"), default="grpo", help="the RLVR algorithm")
     ex.add_argument("--out", default=None, help="experiment directory (default <run.output_dir>/experiment)")
@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH[:SPLIT]",
                     help="also evaluate a benchmark")
     ex.add_argument("--launcher", default="", help="command in front of each run, e.g. 'torchrun --nproc-per-node 8'")
+    ex.add_argument("--jobs", type=positive_int, default=1,
+                    help="seeds run at once, the CPU cores shared out between them (default 1; one per node on a "
+                         "GPU cluster, where the launcher takes the node)")
     ex.add_argument("--print-config", action="store_true",
                     help="print the resolved config (file + overrides) as YAML and exit")
     ex.set_defaults(handler=_cmd_experiment)
@@ -314,6 +317,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """What main() turns into one line on stderr and exit status 2: input the user can fix (a config
     key or value, a record or benchmark file, a checkpoint, an unknown registered name). Imported
     only once an exception is being handled, so a quick command stays quick."""
+    from megatron_prism.data.budget import ResponseBudgetError
     from megatron_prism.data.errors import RecordError
     from megatron_prism.models.errors import CheckpointError
     from megatron_prism.plan.shapes import PlanError
@@ -321,7 +325,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from megatron_prism.registry import UnknownNameError
     from megatron_prism.training.run_lock import RunLocked
 
-    return ConfigError, RecordError, CheckpointError, PlanError, PlotError, UnknownNameError, RunLocked
+    return (ConfigError, RecordError, ResponseBudgetError, CheckpointError, PlanError, PlotError, UnknownNameError,
+            RunLocked)
 
 
 def main(argv: list[str] | None = None) -> int:

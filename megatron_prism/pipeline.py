@@ -69,10 +69,56 @@ def prepare_data(cfg: PrismConfig, run_dir: Path) -> Path:
 
     root = run_dir / "data"
     if _rank0() and not (root / "manifest.json").is_file():
+        # every demonstration fits the generator's budget (64, the tiny default's ALIGN budget;
+        # data.synth_sizes may set max_response_tokens); the stages' own are checked below
         sizes = dict(item.split("=") for item in cfg.data.synth_sizes.split(","))
-        generate_dataset(root, cfg.data.seed, SynthSizes(**{k: int(v) for k, v in sizes.items()}), overwrite=True)
+        generate_dataset(root, cfg.data.seed, SynthSizes(**{k: int(v) for k, v in sizes.items()}), overwrite=True,
+                         budget_setting="data.synth_sizes max_response_tokens")
     _barrier()
     return root
+
+
+#: Stages that set the policy's responses against a split's demonstrations, and that split.
+GAME_SPLITS = {"warmup": "align", "align": "align"}
+
+
+def _demonstration_or_none(record) -> str | None:
+    from megatron_prism.data import chat
+    from megatron_prism.data.records import RecordError
+
+    try:
+        return chat.demonstration(record)
+    except RecordError:
+        return None
+
+
+def check_demonstration_budgets(cfg: PrismConfig, data_root: Path) -> None:
+    """Every demonstration WARMUP and ALIGN read fits the stage's ``rollout.max_new_tokens`` (end
+    token included), else one line naming the records and by how much (:mod:`data.budget`), before
+    any model is built. The ``rl-on-align-prompts`` control reads no demonstration."""
+    from megatron_prism.data import chat
+    from megatron_prism.data.budget import check_response_budget
+    from megatron_prism.data.loader import load_split
+    from megatron_prism.data.processing import load_tokenizer
+
+    checks = [(s, GAME_SPLITS[s.name]) for s in cfg.enabled_stages() if s.name in GAME_SPLITS
+              and not (s.name == "align" and cfg.align.policy_reward == "verifiable")]
+    if not checks:
+        return
+    model_dir = Path(cfg.model.megatron_dir or cfg.model.hf_dir or data_root / "tokenizer")
+    tokenizer = load_tokenizer(model_dir / "hf" if (model_dir / "hf").is_dir() else model_dir)  # a checkpoint's HF side
+    seen: dict[tuple[Path, int], None] = {}
+    for stage, split in checks:
+        path = Path(stage.data_path) if stage.data_path else data_root / split
+        budget = cfg.for_stage(stage.name).rollout.max_new_tokens
+        if (path, budget) in seen:
+            continue
+        seen[(path, budget)] = None
+        records, _ = load_split(path, split, strict=False)  # bad records: the stage's own skip or error
+        check_response_budget(((r.origin or r.id, chat.render_response(text)) for r in records
+                               if (text := _demonstration_or_none(r)) is not None),
+                              lambda text: len(tokenizer.encode(text, add_special_tokens=False)), budget,
+                              where=f"stage {stage.name} ({path})", setting=f"stages.{stage.name}.rollout.max_new_tokens")
 
 
 def prepare_model(cfg: PrismConfig, run_dir: Path, data_root: Path) -> Path:
@@ -144,10 +190,12 @@ def _run_locked(cfg: PrismConfig, resume_from: str | Path | None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
     data_root = prepare_data(cfg, run_dir)
+    check_demonstration_budgets(cfg, data_root)
     source = prepare_model(cfg, run_dir, data_root)
     metrics = MetricsLogger.for_run(cfg, run_dir)
     results: list[StageResult] = []
     artifacts: dict[str, str] = {}  # named outputs a stage hands to later ones (WARMUP's discriminator)
+    heldout: dict[str, dict[str, float]] = {}  # weights -> their held-out figures, from the stage that ended on them
     started = time.time()
     try:
         for stage in cfg.enabled_stages():
@@ -156,7 +204,7 @@ def _run_locked(cfg: PrismConfig, resume_from: str | Path | None) -> Path:
             # the stage's view: its own optim/rollout/algorithm keys over the run-wide sections
             ctx = StageContext(cfg.for_stage(stage.name), stage, source, data_root, metrics, run_cfg=cfg,
                                dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                               artifacts=dict(artifacts))
+                               artifacts=dict(artifacts), source_heldout=heldout.get(str(source)))
             result = finished_result(ctx)
             if stage.name == resume_stage:
                 if result is not None:
@@ -188,6 +236,8 @@ def _run_locked(cfg: PrismConfig, resume_from: str | Path | None) -> Path:
                 print(f"[prism] stage {stage.name}: already finished, skipped", flush=True)
             if result.checkpoint:
                 source = Path(result.checkpoint)
+                if result.metrics.get("eval_after"):
+                    heldout[str(source)] = result.metrics["eval_after"]
             artifacts.update(result.metrics.get("artifacts", {}))
             results.append(result)
     finally:

@@ -51,15 +51,17 @@ class Problem:
 
 
 def synth_sizes(text: str) -> dict[str, int]:
-    """``"sft=2000,align=500,rl=1000,eval=200"`` -> sizes; ValueError naming the bad item."""
+    """``"sft=2000,align=500,rl=1000,eval=200"`` -> sizes; ValueError naming the bad item. An
+    optional ``max_response_tokens=N`` sets the generator's demonstration budget (default 64)."""
     sizes: dict[str, int] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
         name, sep, value = item.partition("=")
         name = name.strip()
-        if not sep or name not in ("sft", "align", "rl", "eval"):
-            raise ValueError(f"{item!r} is not SPLIT=COUNT with SPLIT one of sft, align, rl, eval")
+        if not sep or name not in ("sft", "align", "rl", "eval", "max_response_tokens"):
+            raise ValueError(f"{item!r} is not SPLIT=COUNT with SPLIT one of sft, align, rl, eval "
+                             "(or max_response_tokens=N)")
         if name in sizes:
             raise ValueError(f"split {name!r} is given twice")
         try:

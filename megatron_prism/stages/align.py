@@ -37,7 +37,8 @@ from pathlib import Path
 
 from megatron_prism.algorithms import compute_advantages
 from megatron_prism.data.loader import load_split
-from megatron_prism.stages.common import decode_responses, input_processor, make_client, run_evaluation, score
+from megatron_prism.stages.common import (decode_responses, evaluation_at_start, input_processor, make_client,
+                                          run_evaluation, score)
 from megatron_prism.stages.discriminator_common import (
     ARTIFACT, heldout_eval, pair_loss, pair_metrics, pairs_per_micro_batch, sample_pairs, split_heldout, split_scores,
     starting_discriminator, train_figures,
@@ -84,7 +85,7 @@ def run_align(ctx: StageContext) -> StageResult:
         # policy's): building the discriminator after the policy's restore reseeded and consumed them.
         disc.load_state(resume_disc, rng=True)
     if ctx.stage.eval_every > 0 and "eval_before" not in state.extra:
-        state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
+        state.extra["eval_before"] = evaluation_at_start(ctx, runtime, processor, client=client)
     if "game_before" not in state.extra:
         client.sync(runtime)
         state.extra["game_before"], _ = heldout_eval(ctx, disc, processor, client, hf, heldout, label="before",
@@ -208,7 +209,7 @@ def _run_verifiable(ctx: StageContext) -> StageResult:
     skips, _, state, processor, client, reference = _policy_side(ctx)
     runtime, hf = state.runtime, state.runtime.hf_config
     if ctx.stage.eval_every > 0 and "eval_before" not in state.extra:
-        state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
+        state.extra["eval_before"] = evaluation_at_start(ctx, runtime, processor, client=client)
     bar = progress(steps, state.step, "align", every=cfg.run.log_every)
     last: dict[str, float] = dict(state.extra.get("final", {}))
     n = game.samples_per_prompt

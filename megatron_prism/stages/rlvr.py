@@ -17,7 +17,8 @@ import torch
 from megatron_prism.algorithms import GroupRefillBuffer, shape_rewards
 from megatron_prism.rollout import SamplingParams
 from megatron_prism.stages.common import (
-    banned_ids, decode_responses, input_processor, make_client, prompt_requests, run_evaluation, score,
+    banned_ids, decode_responses, evaluation_at_start, input_processor, make_client, prompt_requests, run_evaluation,
+    score,
 )
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
@@ -96,7 +97,7 @@ def run_rlvr(ctx: StageContext) -> StageResult:
                                      trainable=False) if alg.kl_coef > 0 else None)
     before = state.extra.get("eval_before")
     if before is None and ctx.stage.eval_every > 0:
-        before = state.extra["eval_before"] = run_evaluation(ctx, runtime, processor, label="before", client=client)
+        before = state.extra["eval_before"] = evaluation_at_start(ctx, runtime, processor, client=client)
     bar = progress(steps, state.step, "rlvr", every=cfg.run.log_every)
     last: dict[str, float] = dict(state.extra.get("final", {}))  # a stage resumed at its last step still reports them
     while state.step < steps:

@@ -21,7 +21,7 @@ from megatron_prism.data.packing import VisionTokens, pack_demonstrations
 from megatron_prism.data.processing import IGNORE_INDEX, DemonstrationInputs
 from megatron_prism.data.records import RecordError, reason_of
 from megatron_prism.parallel.devices import host_group
-from megatron_prism.stages.common import input_processor, run_evaluation
+from megatron_prism.stages.common import evaluation_at_start, input_processor, run_evaluation
 from megatron_prism.training.checkpoint import latest_checkpoint
 from megatron_prism.training.faults import pause_point
 from megatron_prism.training.loop import (StageContext, StageResult, Throughput, checkpoint_or_stop, final_figures,
@@ -66,7 +66,7 @@ def run_sft(ctx: StageContext) -> StageResult:
     multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
     metrics_at_start = state.extra.get("eval_before")
     if metrics_at_start is None and ctx.stage.eval_every > 0:
-        metrics_at_start = run_evaluation(ctx, runtime, processor, label="before")
+        metrics_at_start = evaluation_at_start(ctx, runtime, processor)
         state.extra["eval_before"] = metrics_at_start
 
     bar = progress(steps, state.step, "sft", every=cfg.run.log_every)

@@ -52,6 +52,10 @@ class StageContext:
     # The run-wide config; ``cfg`` is the stage's view of it (``PrismConfig.for_stage``). Held-out
     # evaluation samples with the run-wide ``rollout`` so every stage's before/after figures compare.
     run_cfg: PrismConfig | None = None
+    # The held-out figures of ``source`` when the stage before ended on exactly these weights
+    # (its "after" evaluation, with the same run-wide settings): the stage's "before" figures,
+    # taken as they are instead of sampled again.
+    source_heldout: dict[str, float] | None = None
 
     @property
     def heldout_cfg(self) -> PrismConfig:

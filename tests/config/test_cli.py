@@ -23,6 +23,7 @@ TINY = ROOT / "examples" / "configs" / "tiny.yaml"
 SHORT = ["run.logger=none", "data.synth_sizes=sft=24,align=4,rl=8,eval=4", "stages.sft.steps=2",
          "stages.sft.global_batch_size=4", "stages.sft.eval_every=0", "stages.rlvr.steps=1",
          "stages.rlvr.global_batch_size=2", "stages.rlvr.eval_every=0", "rollout.n=2", "rollout.max_new_tokens=16",
+         "stages.warmup.rollout.max_new_tokens=64", "stages.align.rollout.max_new_tokens=64",  # the demonstrations' budget
          "parallel.micro_batch_size=4", "optim.warmup_steps=0"]  # (a warm-up as long as a stage is refused)
 
 

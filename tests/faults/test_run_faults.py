@@ -54,7 +54,9 @@ STEP_POINT = {"sft": "sft.step", "warmup": "warmup.step", "align": "align.update
 POLICY_STAGES = ("sft", "align", "rlvr")  # their checkpoints/ hold the policy (WARMUP's: the discriminator)
 PIPELINE = ["stages.warmup.enabled=true", "stages.align.enabled=true", "stages.eval.enabled=false",
             "data.synth_sizes=sft=16,align=8,rl=4,eval=4", "optim.warmup_steps=0", "parallel.micro_batch_size=2",
-            "rollout.n=4", "rollout.max_new_tokens=32", "align.samples_per_prompt=4", "run.log_every=1",
+            "rollout.n=4", "rollout.max_new_tokens=32",
+            "stages.warmup.rollout.max_new_tokens=64", "stages.align.rollout.max_new_tokens=64",
+            "align.samples_per_prompt=4", "run.log_every=1",
             *(f"stages.{s}.steps={n}" for s, n in STEPS.items()), *(f"stages.{s}.save_every=1" for s in STAGES),
             "stages.sft.global_batch_size=2", "stages.warmup.global_batch_size=2",
             "stages.align.global_batch_size=1", "stages.rlvr.global_batch_size=2",

@@ -18,7 +18,9 @@ GAME2 = ["stages.sft.enabled=false", "stages.rlvr.enabled=false", "stages.eval.e
          "stages.warmup.enabled=true", "stages.warmup.steps=2", "stages.warmup.global_batch_size=2",
          "stages.warmup.save_every=1", "stages.align.enabled=true", "stages.align.steps=3",
          "stages.align.global_batch_size=1", "align.samples_per_prompt=4", "stages.align.save_every=1",
-         "stages.align.eval_every=0", "rollout.max_new_tokens=32", "optim.warmup_steps=0",
+         "stages.align.eval_every=0", "rollout.max_new_tokens=32",
+         "stages.warmup.rollout.max_new_tokens=64", "stages.align.rollout.max_new_tokens=64",
+         "optim.warmup_steps=0",
          "parallel.micro_batch_size=2"]  # whole micro-batches: WARMUP's 2 pairs, ALIGN's 1 x 4 samples
 
 
