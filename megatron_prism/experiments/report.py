@@ -5,7 +5,14 @@ scores). Per benchmark and arm the report gives the accuracy as mean +- std over
 each arm against ``baseline`` the paired comparison of :mod:`.stats` on the items every run of
 both arms evaluated. The ``average`` row is the unweighted mean over benchmarks (as ``prism eval``
 averages); its comparison has the bootstrap interval and the over-seeds t-test (an over-items
-t-test has no single item set to run on there).
+t-test has no single item set to run on there). The over-seeds test is the headline: the seeds are
+the independent repetitions of training; the over-items test treats the trained runs as fixed, so
+it says whether these runs differ on these items, not whether the method does.
+
+Beside accuracy, each arm's mechanism readouts (:data:`READOUTS`), read from its runs'
+``report.json``: the slip and caption-error rates after each stage on the held-out split, the
+discriminator's held-out accuracy per part after WARMUP, and ALIGN's game objective under the
+starting discriminator before and after, as mean +- std over seeds.
 """
 
 from __future__ import annotations
@@ -30,6 +37,36 @@ class RunRecord:
     seed: int
     run_dir: Path
     eval_report: Path
+
+
+#: (label, stage, metrics key, figure) of the mechanism readouts, as a run's report.json holds them.
+READOUTS: tuple[tuple[str, str, str, str], ...] = (
+    ("slip rate after SFT", "sft", "eval_after", "eval/slip_rate"),
+    ("slip rate after ALIGN", "align", "eval_after", "eval/slip_rate"),
+    ("slip rate after RLVR", "rlvr", "eval_after", "eval/slip_rate"),
+    ("caption error after SFT", "sft", "eval_after", "eval/caption_error_rate"),
+    ("caption error after ALIGN", "align", "eval_after", "eval/caption_error_rate"),
+    ("caption error after RLVR", "rlvr", "eval_after", "eval/caption_error_rate"),
+    ("WARMUP disc. acc. caption", "warmup", "heldout_after", "heldout/caption/acc"),
+    ("WARMUP disc. acc. reasoning", "warmup", "heldout_after", "heldout/reasoning/acc"),
+    ("game objective before ALIGN", "align", "game_before", "game/objective"),
+    ("game objective after ALIGN", "align", "game_after", "game/objective"),
+)
+
+
+def run_readouts(run_dir: Path) -> dict[str, float]:
+    """The :data:`READOUTS` one run reported (those its stages have), by label."""
+    path = run_dir / "report.json"
+    try:
+        stages = {s["stage"]: s.get("metrics", {}) for s in json.loads(path.read_text())["stages"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read the run report {path}: {exc}; rerun that run (delete its eval_report.json)") from None
+    out = {}
+    for label, stage, section, key in READOUTS:
+        value = stages.get(stage, {}).get(section, {}).get(key)
+        if isinstance(value, (int, float)):
+            out[label] = float(value)
+    return out
 
 
 def _load(run: RunRecord) -> dict[str, dict[str, Any]]:
@@ -92,12 +129,19 @@ def build_report(runs: list[RunRecord], *, meta: dict[str, Any], n_boot: int = 1
                               "t_seeds": paired_t_test(per_seed).to_json() if len(seeds) > 1 else None}
             comparisons[arm] = row
 
+    readouts: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        per_seed = [run_readouts(next(r.run_dir for r in runs if (r.arm, r.seed) == (arm, s))) for s in seeds]
+        labels = [label for label, *_ in READOUTS if all(label in got for got in per_seed)]
+        readouts[arm] = {label: dict(zip(("mean", "std"), mean_std([got[label] for got in per_seed])))
+                         for label in labels}
+
     runs_json = {arm: {str(s): {"dir": str(next(r.run_dir for r in runs if (r.arm, r.seed) == (arm, s))),
                                 "accuracy": {b: loaded[(arm, s)][b]["accuracy"] for b in benches},
                                 "pass_at": {b: loaded[(arm, s)][b]["pass_at"] for b in benches}}
                        for s in seeds} for arm in arms}
     return {**meta, "arms": arms, "seeds": seeds, "benchmarks": benches, "summary": summary,
-            "comparisons": comparisons, "runs": runs_json,
+            "comparisons": comparisons, "readouts": readouts, "runs": runs_json,
             "baseline": BASELINE if BASELINE in arms else None}
 
 
@@ -122,8 +166,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {arm} | " + " | ".join(_pct(row[c]["mean"], row[c]["std"]) for c in cols) + " |")
     if report["comparisons"]:
         lines += ["", f"## Difference to `{report['baseline']}` (percentage points)", "",
-                  "Paired over items and seeds: Δ, 95% bootstrap interval (seeds and items resampled), "
-                  "p of the paired t-test over items (seed-averaged differences) and over seeds.", "",
+                  "Δ paired over items and seeds, its 95% bootstrap interval (seeds and items resampled), and "
+                  "**p over seeds**: the paired t-test of the per-seed differences, the headline test (seeds are "
+                  "the repetitions of training). p over items (seed-averaged differences) is conditional on the "
+                  "trained runs: it says whether these runs differ on these items, not whether the method does.", "",
                   "| arm | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
         for arm, row in report["comparisons"].items():
             cells = []
@@ -131,10 +177,23 @@ def render_markdown(report: dict[str, Any]) -> str:
                 r = row[c]
                 lo, hi = r["ci95"]
                 cells.append(f"{100 * r['mean_diff']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] "
-                             f"p_items {_p(r['t_items'])}, p_seeds {_p(r['t_seeds'])}")
+                             f"**p seeds {_p(r['t_seeds'])}**, p items {_p(r['t_items'])} (conditional)")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     else:
         lines += ["", "No `baseline` arm in this experiment: no paired comparisons."]
+    readouts = report.get("readouts") or {}
+    labels = [label for label, *_ in READOUTS if any(label in row for row in readouts.values())]
+    if labels:
+        lines += ["", "## Mechanism readouts (held-out split), mean ± std over seeds", "",
+                  "Slip rate: the answer differs from the result of the response's own think; caption error: the "
+                  "caption is not the scene's (both over responses with all three parts, in-run evaluation); "
+                  "discriminator accuracy: teacher above policy on held-out prompts; game objective: under the "
+                  "discriminator ALIGN started from. - : the arm has no such stage.", "",
+                  "| readout | " + " | ".join(readouts) + " |", "| --- |" + " --- |" * len(readouts)]
+        for label in labels:
+            cells = [f"{row[label]['mean']:.3f} ± {row[label]['std']:.3f}" if label in row else "-"
+                     for row in readouts.values()]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

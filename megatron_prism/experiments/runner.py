@@ -55,6 +55,7 @@ class ExperimentSpec:
     benchmarks: dict[str, str] = field(default_factory=dict)
     launcher: str = ""  # "" = this Python; else e.g. "torchrun --nproc-per-node 8"
     timeout: float | None = None  # seconds per subprocess
+    jobs: int = 1  # seeds run at once (each seed's arms in order, as they share its SFT/WARMUP)
 
 
 def check_stages_exist(arms: list[Arm]) -> None:
@@ -110,10 +111,20 @@ def _command(spec: ExperimentSpec) -> list[str]:
     return [*shlex.split(spec.launcher), "-m", "megatron_prism.cli"]
 
 
-def _launch(argv: list[str], log: Path, what: str, timeout: float | None) -> None:
+def _threads_per_job(jobs: int) -> str | None:
+    """CPU threads for each of ``jobs`` runs at once: the machine's cores shared out, unless the
+    user set OMP_NUM_THREADS (then theirs, for every run)."""
+    if jobs <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return str(max(1, (os.cpu_count() or 1) // jobs))
+
+
+def _launch(argv: list[str], log: Path, what: str, timeout: float | None, threads: str | None = None) -> None:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
     with log.open("a", encoding="utf-8") as out:
         out.write(f"\n$ {shlex.join(argv)}\n")
         out.flush()
@@ -169,14 +180,15 @@ def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Pa
     cmd = _command(spec)
     started = time.perf_counter()
     print(f"{head}: prism run -> {run_dir} (log {run_dir / 'prism_run.log'})", flush=True)
+    threads = _threads_per_job(spec.jobs)
     _launch([*cmd, "run", str(spec.config), *overrides], run_dir / "prism_run.log", f"prism run of {arm.name} seed "
-            f"{seed}", spec.timeout)
+            f"{seed}", spec.timeout, threads)
     print(f"{head}: prism eval (log {run_dir / 'prism_eval.log'})", flush=True)
     bench = [a for name, path in spec.benchmarks.items() for a in ("--benchmark", f"{name}={path}")]
     _launch([*cmd, "eval", str(spec.config), *overrides, "--checkpoint", final_checkpoint(run_dir),
              "--split", str(data_root / "eval"), "--k", str(spec.k), "--temperature", str(spec.temperature),
              "--out", str(result.eval_report), *bench], run_dir / "prism_eval.log",
-            f"prism eval of {arm.name} seed {seed}", spec.timeout)
+            f"prism eval of {arm.name} seed {seed}", spec.timeout, threads)
     accuracy = json.loads(result.eval_report.read_text()).get("average", {}).get("mean_accuracy")
     shown = f", mean accuracy {100 * accuracy:.2f}%" if isinstance(accuracy, (int, float)) else ""
     print(f"{head}: done in {format_duration(time.perf_counter() - started)}{shown}", flush=True)
@@ -195,9 +207,26 @@ def run_experiment(spec: ExperimentSpec) -> tuple[Path, Path]:
     from megatron_prism.pipeline import prepare_data
 
     data_root = prepare_data(cfg, out).resolve()
+    if spec.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {spec.jobs}")
+    for arm in spec.arms:  # written once, before seeds run at once
+        if arm.sft_splits != ("sft",):
+            merge_splits(data_root, arm.sft_splits, out / "merged_splits" / "+".join(arm.sft_splits))
     plan = [(arm, seed) for arm in spec.arms for seed in range(spec.seeds)]
-    runs = [run_one(spec, cfg, arm, seed, out, data_root, position=f"{i}/{len(plan)}")
-            for i, (arm, seed) in enumerate(plan, start=1)]
+    position = {(arm.name, seed): f"{i}/{len(plan)}" for i, (arm, seed) in enumerate(plan, start=1)}
+
+    def one_seed(seed: int) -> list[RunRecord]:
+        # a seed's arms in order: the first trains the SFT (and WARMUP) the others reuse
+        return [run_one(spec, cfg, arm, seed, out, data_root, position=position[(arm.name, seed)]) for arm in spec.arms]
+
+    if spec.jobs == 1:
+        by_seed = [one_seed(seed) for seed in range(spec.seeds)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=spec.jobs) as pool:
+            by_seed = list(pool.map(one_seed, range(spec.seeds)))
+    runs = [by_seed[seed][i] for i in range(len(spec.arms)) for seed in range(spec.seeds)]
     meta = {"config": str(spec.config), "algorithm": spec.algorithm, "k": spec.k, "temperature": spec.temperature,
             "overrides": spec.overrides, "data_root": str(data_root),
             "arm_descriptions": {a.name: a.description for a in spec.arms}}

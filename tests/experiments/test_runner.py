@@ -87,7 +87,24 @@ def test_report_on_constructed_runs(tmp_path):
     }
     runs = [RunRecord(arm, seed, tmp_path / arm / str(seed), _eval_report(tmp_path / arm / f"{seed}.json", b))
             for (arm, seed), b in spec.items()]
+    # each run's report.json, as prism run writes it: the better arm also ran WARMUP and ALIGN
+    for run in runs:
+        k = run.seed
+        stages = [{"stage": "sft", "metrics": {"eval_after": {"eval/slip_rate": 0.6 + 0.1 * k}}},
+                  {"stage": "rlvr", "metrics": {"eval_after": {"eval/slip_rate": 0.5, "eval/caption_error_rate": 0.9}}}]
+        if run.arm == "better":
+            stages[1:1] = [{"stage": "warmup", "metrics": {"heldout_after": {"heldout/caption/acc": 0.7 + 0.2 * k}}},
+                           {"stage": "align", "metrics": {"game_before": {"game/objective": -1.0},
+                                                          "game_after": {"game/objective": -0.5 - k}}}]
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "report.json").write_text(json.dumps({"stages": stages}))
     report = build_report(runs, meta={"algorithm": "grpo", "k": 2, "temperature": 1.0}, n_boot=500)
+    got = report["readouts"]
+    assert got["baseline"]["slip rate after SFT"]["mean"] == pytest.approx(0.65)
+    assert got["baseline"]["slip rate after SFT"]["std"] == pytest.approx(math.sqrt(0.005))
+    assert "WARMUP disc. acc. caption" not in got["baseline"] and "caption error after SFT" not in got["better"]
+    assert got["better"]["WARMUP disc. acc. caption"]["mean"] == pytest.approx(0.8)
+    assert got["better"]["game objective after ALIGN"]["mean"] == pytest.approx(-1.0)
     # baseline X accuracy: seed 0 (0.5 + 0 + 1)/3 = 0.5, seed 1 (0 + 0 + 1)/3 = 1/3
     assert report["summary"]["baseline"]["X"]["mean"] == pytest.approx(5 / 12)
     assert report["summary"]["baseline"]["X"]["std"] == pytest.approx(math.sqrt(2) * (1 / 12))
@@ -106,6 +123,9 @@ def test_report_on_constructed_runs(tmp_path):
     assert report["comparisons"]["better"]["average"]["mean_diff"] == pytest.approx(((1 / 3 + 0.5) + (1 / 3 + 0.75)) / 4)
     md = render_markdown(report)
     assert "| better |" in md and "Difference to `baseline`" in md and "41.67 ± 11.79" in md
+    assert "**p seeds " in md and "(conditional)" in md
+    assert "| WARMUP disc. acc. caption | - | 0.800 ± 0.141 |" in md
+    assert "| caption error after RLVR | 0.900 ± 0.000 | 0.900 ± 0.000 |" in md
 
 
 def test_report_rejects_a_run_missing_a_benchmark(tmp_path):
@@ -129,11 +149,18 @@ def test_experiment_end_to_end_shares_sft_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "exp"
     arms = parse_arms("baseline,rl-on-align-prompts")
-    spec = ExperimentSpec(config=TINY, arms=arms, seeds=1, out=out, overrides=[*SHORT, *CONTROL], k=2,
-                          temperature=1.0, timeout=600)
+    spec = ExperimentSpec(config=TINY, arms=arms, seeds=2, out=out, overrides=[*SHORT, *CONTROL], k=2,
+                          temperature=1.0, timeout=600, jobs=2)
     js, md = run_experiment(spec)
     report = json.loads(js.read_text())
-    assert report["arms"] == ["baseline", "rl-on-align-prompts"] and report["seeds"] == [0]
+    assert report["arms"] == ["baseline", "rl-on-align-prompts"] and report["seeds"] == [0, 1]
+    # --jobs 2: the two seeds ran at once (seed 1 started before seed 0's first arm was evaluated),
+    # each seed's arms in order (its control started after its baseline finished)
+    started = {(a, k): (out / a / f"seed{k}" / "experiment_run.json").stat().st_mtime for a in ("baseline",
+               "rl-on-align-prompts") for k in (0, 1)}
+    finished = {(a, k): (out / a / f"seed{k}" / "eval_report.json").stat().st_mtime for a, k in started}
+    assert started[("baseline", 1)] < finished[("baseline", 0)] and started[("baseline", 0)] < finished[("baseline", 1)]
+    assert all(started[("rl-on-align-prompts", k)] >= finished[("baseline", k)] for k in (0, 1))
     assert report["benchmarks"] == ["heldout"]
     for arm in ("baseline", "rl-on-align-prompts"):
         run = out / arm / "seed0"
@@ -146,15 +173,16 @@ def test_experiment_end_to_end_shares_sft_and_resumes(tmp_path, monkeypatch):
     assert logs["baseline"].count("[prism] stage sft: starting") == 1
     assert logs["rl-on-align-prompts"].count("[prism] stage sft: starting") == 0
     assert "stage sft: already finished, skipped" in logs["rl-on-align-prompts"]
-    (shared,) = (out / "shared").glob("sft-*")
+    shared = sorted((out / "shared").glob("sft-*"))
+    assert len(shared) == 2  # one per seed
     for arm in ("baseline", "rl-on-align-prompts"):
         sft = [s for s in json.loads((out / arm / "seed0" / "report.json").read_text())["stages"] if s["stage"] == "sft"]
-        assert sft[0]["checkpoint"].startswith(str(shared))
+        assert any(sft[0]["checkpoint"].startswith(str(d)) for d in shared)
     assert 0.0 <= report["summary"]["baseline"]["heldout"]["mean"] <= 1.0
     assert "baseline" in md.read_text()
     # resumed: every run is reused, nothing is re-run or re-evaluated
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/eval_report.json")}
-    assert len(stamps) == 2
+    assert len(stamps) == 4
     run_experiment(spec)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # the same directory with other settings is refused
