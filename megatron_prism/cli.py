@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also evaluate a benchmark")
     ex.add_argument("--launcher", default="", help="command in front of each run, e.g. 'torchrun --nproc-per-node 8'")
     ex.add_argument("--jobs", type=positive_int, default=1,
-                    help="seeds run at once, the CPU cores shared out between them (default 1; one per node on a "
-                         "GPU cluster, where the launcher takes the node)")
+                    help="runs at once, the CPU cores shared out between them; a run that reuses a shared SFT/WARMUP "
+                         "waits for the run training it (default 1; 1 on a GPU node, where the launcher takes the node)")
     ex.add_argument("--print-config", action="store_true",
                     help="print the resolved config (file + overrides) as YAML and exit")
     ex.set_defaults(handler=_cmd_experiment)

@@ -20,7 +20,8 @@ on-policy, so neither recomputes old log-probs) and the same reward function
   step time from a callback between ``on_step_begin`` and ``on_step_end``. TRL is given the prompt
   text only: its vision-language path wants a Hugging Face processor with an image processor,
   which the synthetic task's tokenizer directory does not have. This project also encodes each
-  prompt's 64x64 image (4 vision tokens), so the comparison leans against it.
+  prompt's image (16 vision tokens on the 128x128 task; 4 at 64x64 before prism-synth-3), so the
+  comparison leans against it.
 
 The first step of each side is a warm-up and is not counted. Figures: samples/s (responses per
 second of step time) and generated tokens/s of each side, and their ratio. TRL must be installed

@@ -55,7 +55,7 @@ class ExperimentSpec:
     benchmarks: dict[str, str] = field(default_factory=dict)
     launcher: str = ""  # "" = this Python; else e.g. "torchrun --nproc-per-node 8"
     timeout: float | None = None  # seconds per subprocess
-    jobs: int = 1  # seeds run at once (each seed's arms in order, as they share its SFT/WARMUP)
+    jobs: int = 1  # runs at once (a run waits for the one that trains the SFT/WARMUP it shares: run_plan)
 
 
 def check_stages_exist(arms: list[Arm]) -> None:
@@ -148,10 +148,9 @@ def final_checkpoint(run_dir: Path) -> str:
     return ckpts[-1]
 
 
-def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Path, data_root: Path, *,
-            position: str = "") -> RunRecord:
-    """Runs (or reuses) one arm at one seed; returns where its evaluation report is. ``position``
-    (``"3/6"``) prefixes its progress lines."""
+def run_overrides(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Path, data_root: Path
+                  ) -> tuple[list[str], list[str]]:
+    """(the ``key=value`` overrides of one arm at one seed, the shared stage directories among them)."""
     run_dir = out / arm.name / f"seed{seed}"
     overrides = [*spec.overrides, *arm.overrides, *ALGORITHMS[spec.algorithm],
                  f"run.output_dir={run_dir}", f"run.seed={cfg.run.seed + seed}", f"data.root={data_root}"]
@@ -159,7 +158,16 @@ def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Pa
         merged = merge_splits(data_root, arm.sft_splits, out / "merged_splits" / "+".join(arm.sft_splits))
         overrides.append(f"stages.sft.data_path={merged}")
     # SFT (and WARMUP) run once per seed for every arm that runs them alike (experiments.shared)
-    overrides += shared_stage_overrides(load_config(spec.config, overrides), data_root, out / "shared")
+    shared = shared_stage_overrides(load_config(spec.config, overrides), data_root, out / "shared")
+    return overrides + shared, [line.split("=", 1)[1] for line in shared]
+
+
+def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Path, data_root: Path, *,
+            position: str = "") -> RunRecord:
+    """Runs (or reuses) one arm at one seed; returns where its evaluation report is. ``position``
+    (``"3/6"``) prefixes its progress lines."""
+    run_dir = out / arm.name / f"seed{seed}"
+    overrides, _ = run_overrides(spec, cfg, arm, seed, out, data_root)
     record = {"arm": arm.name, "seed": seed, "algorithm": spec.algorithm, "config": str(spec.config),
               "overrides": overrides, "k": spec.k, "temperature": spec.temperature, "benchmarks": spec.benchmarks}
     marker = run_dir / MARKER
@@ -195,6 +203,60 @@ def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Pa
     return result
 
 
+def run_plan(spec: ExperimentSpec, order: list[tuple[Arm, int]], run, shared_dirs) -> dict[tuple[str, int], RunRecord]:
+    """Runs every (arm, seed) of ``order`` with ``run(arm, seed)``, ``spec.jobs`` at a time.
+
+    A run that reuses a shared stage (``shared_dirs(arm, seed)``: its shared SFT/WARMUP directories)
+    waits until the first run in ``order`` with that directory, which trains it, has finished; any
+    other run may start at once (``align-data-as-sft`` trains its own SFT beside a seed's baseline).
+    The first failure stops new starts and is raised once the runs under way end."""
+    import threading
+
+    producer: dict[str, tuple[str, int]] = {}
+    needs: dict[tuple[str, int], set[tuple[str, int]]] = {}
+    for arm, seed in order:
+        dirs = shared_dirs(arm, seed)
+        needs[(arm.name, seed)] = {producer[d] for d in dirs if d in producer}
+        for d in dirs:
+            producer.setdefault(d, (arm.name, seed))
+    pending = list(order)
+    finished: dict[tuple[str, int], RunRecord] = {}
+    failures: list[BaseException] = []
+    cond = threading.Condition()
+
+    def next_task() -> tuple[Arm, int] | None:
+        with cond:
+            while pending and not failures:
+                ready = next((t for t in pending if needs[(t[0].name, t[1])] <= finished.keys()), None)
+                if ready is not None:
+                    pending.remove(ready)
+                    return ready
+                cond.wait()
+            return None
+
+    def worker() -> None:
+        while (task := next_task()) is not None:
+            try:
+                record = run(*task)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                with cond:
+                    failures.append(exc)
+                    cond.notify_all()
+                return
+            with cond:
+                finished[(task[0].name, task[1])] = record
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, spec.jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+    return finished
+
+
 def run_experiment(spec: ExperimentSpec) -> tuple[Path, Path]:
     """Runs every (arm, seed) and writes the report; returns (json, md) paths."""
     if spec.seeds < 1:
@@ -209,24 +271,15 @@ def run_experiment(spec: ExperimentSpec) -> tuple[Path, Path]:
     data_root = prepare_data(cfg, out).resolve()
     if spec.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {spec.jobs}")
-    for arm in spec.arms:  # written once, before seeds run at once
+    for arm in spec.arms:  # written once, before runs go at once
         if arm.sft_splits != ("sft",):
             merge_splits(data_root, arm.sft_splits, out / "merged_splits" / "+".join(arm.sft_splits))
     plan = [(arm, seed) for arm in spec.arms for seed in range(spec.seeds)]
     position = {(arm.name, seed): f"{i}/{len(plan)}" for i, (arm, seed) in enumerate(plan, start=1)}
-
-    def one_seed(seed: int) -> list[RunRecord]:
-        # a seed's arms in order: the first trains the SFT (and WARMUP) the others reuse
-        return [run_one(spec, cfg, arm, seed, out, data_root, position=position[(arm.name, seed)]) for arm in spec.arms]
-
-    if spec.jobs == 1:
-        by_seed = [one_seed(seed) for seed in range(spec.seeds)]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=spec.jobs) as pool:
-            by_seed = list(pool.map(one_seed, range(spec.seeds)))
-    runs = [by_seed[seed][i] for i in range(len(spec.arms)) for seed in range(spec.seeds)]
+    done = run_plan(spec, [(arm, seed) for seed in range(spec.seeds) for arm in spec.arms],
+                    lambda arm, seed: run_one(spec, cfg, arm, seed, out, data_root, position=position[(arm.name, seed)]),
+                    lambda arm, seed: run_overrides(spec, cfg, arm, seed, out, data_root)[1])
+    runs = [done[(arm.name, seed)] for arm, seed in plan]
     meta = {"config": str(spec.config), "algorithm": spec.algorithm, "k": spec.k, "temperature": spec.temperature,
             "overrides": spec.overrides, "data_root": str(data_root),
             "arm_descriptions": {a.name: a.description for a in spec.arms}}

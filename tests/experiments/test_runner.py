@@ -4,6 +4,7 @@ baseline experiment of very short ``prism run``s that is then resumed without re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -20,7 +21,7 @@ from megatron_prism.experiments import (
     run_experiment,
 )
 from megatron_prism.experiments.report import RunRecord
-from megatron_prism.experiments.runner import check_stages_exist, merge_splits
+from megatron_prism.experiments.runner import check_stages_exist, merge_splits, run_plan
 from megatron_prism.registry import UnknownNameError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,8 +155,8 @@ def test_experiment_end_to_end_shares_sft_and_resumes(tmp_path, monkeypatch):
     js, md = run_experiment(spec)
     report = json.loads(js.read_text())
     assert report["arms"] == ["baseline", "rl-on-align-prompts"] and report["seeds"] == [0, 1]
-    # --jobs 2: the two seeds ran at once (seed 1 started before seed 0's first arm was evaluated),
-    # each seed's arms in order (its control started after its baseline finished)
+    # --jobs 2: the two seeds' baselines ran at once (seed 1 started before seed 0's was evaluated);
+    # each control, which reuses its seed's SFT, started only after the baseline that trained it
     started = {(a, k): (out / a / f"seed{k}" / "experiment_run.json").stat().st_mtime for a in ("baseline",
                "rl-on-align-prompts") for k in (0, 1)}
     finished = {(a, k): (out / a / f"seed{k}" / "eval_report.json").stat().st_mtime for a, k in started}
@@ -221,3 +222,45 @@ def test_prefix_keys_share_a_stage_exactly_where_arms_run_it_alike(tmp_path):
     cfg = load_config(TINY, [*ARMS.get("baseline").overrides, f"data.root={tmp_path}"])
     (line,) = shared_stage_overrides(cfg, tmp_path, tmp_path / "shared")  # warmup is disabled in the baseline
     assert line.startswith(f"stages.sft.output_dir={tmp_path / 'shared'}/sft-")
+
+
+def test_run_plan_starts_what_is_ready_and_waits_for_a_shared_stage(tmp_path):
+    """run_plan with 2 jobs: a run that reuses a shared SFT starts only after the run training it
+    ends; runs that do not wait overlap; the first failure is raised and nothing new starts."""
+    import threading
+    import time as clock
+
+
+    arms = {a.name: a for a in parse_arms("baseline,prism,align-data-as-sft")}
+    order = [(arms[a], s) for s in (0, 1) for a in ("baseline", "prism", "align-data-as-sft")]
+    shares = {"baseline": ["sft-A"], "prism": ["sft-A", "warm-B"], "align-data-as-sft": ["sft-M"]}
+    spans: dict[tuple[str, int], tuple[float, float]] = {}
+    lock = threading.Lock()
+
+    def run(arm, seed):
+        start = clock.monotonic()
+        clock.sleep(0.2)
+        with lock:
+            spans[(arm.name, seed)] = (start, clock.monotonic())
+        return RunRecord(arm.name, seed, tmp_path, tmp_path / "r.json")
+
+    spec = ExperimentSpec(config=TINY, arms=list(arms.values()), seeds=2, jobs=2)
+    done = run_plan(spec, order, run, lambda arm, seed: [f"{d}-{seed}" for d in shares[arm.name]])
+    assert sorted(done) == sorted((a.name, s) for a, s in order)
+    for seed in (0, 1):  # prism reuses its seed's baseline SFT
+        assert spans[("prism", seed)][0] >= spans[("baseline", seed)][1]
+    # align-data-as-sft trains its own SFT: it ran beside seed 0's baseline
+    assert spans[("align-data-as-sft", 0)][0] < spans[("baseline", 0)][1]
+
+    started = []
+
+    def failing(arm, seed):
+        started.append((arm.name, seed))
+        if arm.name == "baseline":
+            raise ExperimentError(f"prism run of baseline seed {seed} failed")
+        return RunRecord(arm.name, seed, tmp_path, tmp_path / "r.json")
+
+    with pytest.raises(ExperimentError, match="baseline seed 0 failed"):
+        run_plan(dataclasses.replace(spec, jobs=1), order, failing,
+                 lambda arm, seed: [f"{d}-{seed}" for d in shares[arm.name]])
+    assert started == [("baseline", 0)]
