@@ -167,12 +167,12 @@ def panel_lines(groups: dict[str, list[Run]], specs: Iterable[tuple[str, str, st
 
 def held_out_lines(groups: dict[str, list[Run]]) -> tuple[list[str], list[Line]]:
     """The held-out accuracy points of every group on one categorical axis (stage labels)."""
-    order: list[str] = []
-    for runs in groups.values():
-        for run in runs:
-            for label, _ in run.held_out:
-                if label not in order:
-                    order.append(label)
+    from megatron_prism.config.schema import STAGE_ORDER
+
+    seen = {label for runs in groups.values() for run in runs for label, _ in run.held_out}
+    # pipeline order, whatever arm shows a stage first (the baseline has no ALIGN)
+    rank = {label: i for i, label in enumerate(("start", *STAGE_ORDER))}
+    order = sorted(seen, key=lambda label: (rank.get(label, len(rank)), label))
     lines = []
     for group, runs in groups.items():
         line = _mean_line(group if len(groups) > 1 else "held-out accuracy",

@@ -44,7 +44,7 @@ def test_arms_are_the_mean_over_seeds_with_a_min_max_band(tmp_path):
     exp = tmp_path / "exp"
     _run(exp / "baseline" / "seed0", _rlvr(0.0), [("sft", 0.2, 0.1), ("rlvr", 0.4, None)])
     _run(exp / "baseline" / "seed1", _rlvr(0.2), [("sft", 0.3, 0.1), ("rlvr", 0.6, None)])
-    _run(exp / "prism" / "seed0", _rlvr(0.5)[:2], [("sft", 0.2, 0.1), ("rlvr", 0.7, None)])
+    _run(exp / "prism" / "seed0", _rlvr(0.5)[:2], [("sft", 0.2, 0.1), ("align", 0.3, None), ("rlvr", 0.7, None)])
     (exp / "data").mkdir()  # the experiment's shared data folder is not an arm
     groups = find_runs(exp)
     assert {k: [r.name for r in v] for k, v in groups.items()} == {"baseline": ["baseline/seed0", "baseline/seed1"],
@@ -55,8 +55,9 @@ def test_arms_are_the_mean_over_seeds_with_a_min_max_band(tmp_path):
     assert base.high == pytest.approx([0.3, 0.4, 0.5])
     assert prism.y == pytest.approx([0.6, 0.7]) and prism.low is None  # one seed: no band
     order, (h_base, h_prism) = held_out_lines(groups)
-    assert order == ["start", "sft", "rlvr"]
+    assert order == ["start", "sft", "align", "rlvr"]  # pipeline order, though the first arm has no ALIGN
     assert h_base.y == pytest.approx([0.1, 0.25, 0.5]) and h_base.high == pytest.approx([0.1, 0.3, 0.6])
+    assert h_base.x == [0.0, 1.0, 3.0] and h_prism.x == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_a_run_writes_its_png_and_prism_plot_overlays_runs_and_arms(tmp_path, capsys):
