@@ -7,13 +7,13 @@ record's ``meta`` so the answer can be re-derived from it:
   objects ``{"shape", "color", "size", "row", "col"}``.
 * ``bars``: a bar chart, one bar per column, distinct colours;
   objects ``{"color", "height", "col"}`` (height in units of ``unit`` = cell/2 pixels, from 1 up to
-  ``min(9, image height / unit - 1)``: 1..7 for 64 px high images).
+  ``min(9, image height / unit - 1)``: 1..7 for the default 128 px high images with 32 px cells).
 * ``digits``: seven-segment digits (drawn with rectangles, no font, so rendering does not depend
   on the fonts of the machine); objects ``{"digit", "row", "col"}``.
 
-The image is a grid of ``cell`` x ``cell`` squares (default 16 = the vision patch size) and every
-object sits inside one cell, so each vision patch sees at most one object: this keeps perception
-learnable for a tiny model. Objects are listed in reading order (row, then column). Drawing uses
+The image is a grid of ``cell`` x ``cell`` squares (the generator's default 32 = one merged vision
+token: 2x2 patches of 16 px) and every object sits inside one cell, so each vision token sees one
+object at most: this keeps perception learnable for a tiny model. Objects are listed in reading order (row, then column). Drawing uses
 no anti-aliasing and PNGs are written with fixed parameters, so the bytes are reproducible.
 """
 
