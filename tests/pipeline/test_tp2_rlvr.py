@@ -17,7 +17,7 @@ import torch
 from tests.pipeline.prism_proc import hf_tensors, run_prism, stage_checkpoint
 
 ONE_STEP = ["stages.sft.enabled=false", "stages.eval.enabled=false", "stages.rlvr.steps=1",
-            "stages.rlvr.global_batch_size=4", "rollout.n=4", "rollout.max_new_tokens=32",
+            "stages.rlvr.global_batch_size=4", "rollout.n=4", "rollout.max_new_tokens=64",
             "stages.rlvr.save_every=1", "stages.rlvr.eval_every=0", "stages.rlvr.lr=1e-3",
             "optim.warmup_steps=0", "optim.adam_eps=1e-3", "parallel.micro_batch_size=4"]
 
@@ -38,7 +38,9 @@ def test_one_rlvr_step_at_tp2_matches_tp1(warm, tmp_path):
     log1, log2 = _rlvr_step_log(runs[1]), _rlvr_step_log(runs[2])
     for key in ("reward/mean", "reward/accuracy", "response/length"):
         assert log1[key] == log2[key], key
-    assert log1["reward/mean"] > 0  # non-zero advantages: the step really moves the weights
+    # non-zero advantages: the step really moves the weights (measured 0.0125, accuracy 0.125, at the
+    # task's 64-token budget; at 32 tokens prism-synth-3's responses were cut off and all scored 0)
+    assert log1["reward/mean"] > 0
 
     start = hf_tensors(warm.checkpoint)
     w1 = hf_tensors(stage_checkpoint(runs[1], "rlvr"))
