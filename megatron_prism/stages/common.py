@@ -86,16 +86,16 @@ def make_client(ctx, runtime) -> RolloutClient:
     return RolloutClient(engine_settings(ctx.cfg), runtime.source)
 
 
-def evaluation_at_start(ctx, runtime, processor: InputProcessor, *, client: RolloutClient | None = None
-                        ) -> dict[str, float]:
+def evaluation_at_start(ctx, runtime, processor: InputProcessor, *, client: RolloutClient | None = None,
+                        label: str = "before") -> dict[str, float]:
     """The stage's "before" figures: the previous stage's "after" figures of the same weights when
     the pipeline handed them on (``ctx.source_heldout``; same run-wide settings and sampling seed,
     so sampling again would give the same numbers), else :func:`run_evaluation` now."""
     if ctx.source_heldout:
-        log.info("%s eval (before): the figures of %s from the stage before (accuracy %.3f)", ctx.stage.name,
+        log.info("%s eval (%s): the figures of %s from the stage before (accuracy %.3f)", ctx.stage.name, label,
                  ctx.source, ctx.source_heldout.get("eval/accuracy", float("nan")))
         return dict(ctx.source_heldout)
-    return run_evaluation(ctx, runtime, processor, label="before", client=client)
+    return run_evaluation(ctx, runtime, processor, label=label, client=client)
 
 
 def run_evaluation(ctx, runtime, processor: InputProcessor, *, label: str, client: RolloutClient | None = None,

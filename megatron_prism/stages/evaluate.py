@@ -14,7 +14,7 @@ def run_eval_stage(ctx: StageContext) -> StageResult:
     started = time.time()
     if ctx.source_heldout and not ctx.stage.data_path:
         # the stage before ended on these weights and evaluated them on this split, as here
-        after = evaluation_at_start(ctx, None, None)
+        after = evaluation_at_start(ctx, None, None, label="final")
         ctx.metrics.log("eval", 0, after)
         return StageResult(stage="eval", checkpoint=None, steps=0, wall_seconds=time.time() - started,
                            metrics={"eval_after": after})
