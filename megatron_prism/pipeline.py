@@ -82,16 +82,6 @@ def prepare_data(cfg: PrismConfig, run_dir: Path) -> Path:
 GAME_SPLITS = {"warmup": "align", "align": "align"}
 
 
-def _demonstration_or_none(record) -> str | None:
-    from megatron_prism.data import chat
-    from megatron_prism.data.records import RecordError
-
-    try:
-        return chat.demonstration(record)
-    except RecordError:
-        return None
-
-
 def check_demonstration_budgets(cfg: PrismConfig, data_root: Path) -> None:
     """Every demonstration WARMUP and ALIGN read fits the stage's ``rollout.max_new_tokens`` (end
     token included), else one line naming the records and by how much (:mod:`data.budget`), before
@@ -100,6 +90,13 @@ def check_demonstration_budgets(cfg: PrismConfig, data_root: Path) -> None:
     from megatron_prism.data.budget import check_response_budget
     from megatron_prism.data.loader import load_split
     from megatron_prism.data.processing import load_tokenizer
+    from megatron_prism.data.records import RecordError
+
+    def demonstration(record) -> str | None:
+        try:
+            return chat.demonstration(record)
+        except RecordError:  # a record without one: the stage skips or refuses it
+            return None
 
     checks = [(s, GAME_SPLITS[s.name]) for s in cfg.enabled_stages() if s.name in GAME_SPLITS
               and not (s.name == "align" and cfg.align.policy_reward == "verifiable")]
@@ -107,16 +104,16 @@ def check_demonstration_budgets(cfg: PrismConfig, data_root: Path) -> None:
         return
     model_dir = Path(cfg.model.megatron_dir or cfg.model.hf_dir or data_root / "tokenizer")
     tokenizer = load_tokenizer(model_dir / "hf" if (model_dir / "hf").is_dir() else model_dir)  # a checkpoint's HF side
-    seen: dict[tuple[Path, int], None] = {}
+    seen: set[tuple[Path, int]] = set()
     for stage, split in checks:
         path = Path(stage.data_path) if stage.data_path else data_root / split
         budget = cfg.for_stage(stage.name).rollout.max_new_tokens
-        if (path, budget) in seen:
+        if (path, budget) in seen:  # WARMUP and ALIGN on one split and budget: checked once
             continue
-        seen[(path, budget)] = None
+        seen.add((path, budget))
         records, _ = load_split(path, split, strict=False)  # bad records: the stage's own skip or error
         check_response_budget(((r.origin or r.id, chat.render_response(text)) for r in records
-                               if (text := _demonstration_or_none(r)) is not None),
+                               if (text := demonstration(r)) is not None),
                               lambda text: len(tokenizer.encode(text, add_special_tokens=False)), budget,
                               where=f"stage {stage.name} ({path})", setting=f"stages.{stage.name}.rollout.max_new_tokens")
 

@@ -129,14 +129,15 @@ def build_report(runs: list[RunRecord], *, meta: dict[str, Any], n_boot: int = 1
                               "t_seeds": paired_t_test(per_seed).to_json() if len(seeds) > 1 else None}
             comparisons[arm] = row
 
+    run_dirs = {(r.arm, r.seed): r.run_dir for r in runs}
     readouts: dict[str, dict[str, Any]] = {}
     for arm in arms:
-        per_seed = [run_readouts(next(r.run_dir for r in runs if (r.arm, r.seed) == (arm, s))) for s in seeds]
+        per_seed = [run_readouts(run_dirs[(arm, s)]) for s in seeds]
         labels = [label for label, *_ in READOUTS if all(label in got for got in per_seed)]
         readouts[arm] = {label: dict(zip(("mean", "std"), mean_std([got[label] for got in per_seed])))
                          for label in labels}
 
-    runs_json = {arm: {str(s): {"dir": str(next(r.run_dir for r in runs if (r.arm, r.seed) == (arm, s))),
+    runs_json = {arm: {str(s): {"dir": str(run_dirs[(arm, s)]),
                                 "accuracy": {b: loaded[(arm, s)][b]["accuracy"] for b in benches},
                                 "pass_at": {b: loaded[(arm, s)][b]["pass_at"] for b in benches}}
                        for s in seeds} for arm in arms}

@@ -163,11 +163,13 @@ def run_overrides(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, o
 
 
 def run_one(spec: ExperimentSpec, cfg: PrismConfig, arm: Arm, seed: int, out: Path, data_root: Path, *,
-            position: str = "") -> RunRecord:
+            position: str = "", overrides: list[str] | None = None) -> RunRecord:
     """Runs (or reuses) one arm at one seed; returns where its evaluation report is. ``position``
-    (``"3/6"``) prefixes its progress lines."""
+    (``"3/6"``) prefixes its progress lines; ``overrides``: :func:`run_overrides`' (computed here
+    when not given)."""
     run_dir = out / arm.name / f"seed{seed}"
-    overrides, _ = run_overrides(spec, cfg, arm, seed, out, data_root)
+    if overrides is None:
+        overrides, _ = run_overrides(spec, cfg, arm, seed, out, data_root)
     record = {"arm": arm.name, "seed": seed, "algorithm": spec.algorithm, "config": str(spec.config),
               "overrides": overrides, "k": spec.k, "temperature": spec.temperature, "benchmarks": spec.benchmarks}
     marker = run_dir / MARKER
@@ -276,9 +278,12 @@ def run_experiment(spec: ExperimentSpec) -> tuple[Path, Path]:
             merge_splits(data_root, arm.sft_splits, out / "merged_splits" / "+".join(arm.sft_splits))
     plan = [(arm, seed) for arm in spec.arms for seed in range(spec.seeds)]
     position = {(arm.name, seed): f"{i}/{len(plan)}" for i, (arm, seed) in enumerate(plan, start=1)}
+    # once per run: the shared stages' keys hash the data files
+    prepared = {(arm.name, seed): run_overrides(spec, cfg, arm, seed, out, data_root) for arm, seed in plan}
     done = run_plan(spec, [(arm, seed) for seed in range(spec.seeds) for arm in spec.arms],
-                    lambda arm, seed: run_one(spec, cfg, arm, seed, out, data_root, position=position[(arm.name, seed)]),
-                    lambda arm, seed: run_overrides(spec, cfg, arm, seed, out, data_root)[1])
+                    lambda arm, seed: run_one(spec, cfg, arm, seed, out, data_root, position=position[(arm.name, seed)],
+                                              overrides=prepared[(arm.name, seed)][0]),
+                    lambda arm, seed: prepared[(arm.name, seed)][1])
     runs = [done[(arm.name, seed)] for arm, seed in plan]
     meta = {"config": str(spec.config), "algorithm": spec.algorithm, "k": spec.k, "temperature": spec.temperature,
             "overrides": spec.overrides, "data_root": str(data_root),
